@@ -1,0 +1,227 @@
+"""The typed run config: one dataclass, JSON round-trip, and the command-line flags built from it.
+
+Every knob has exactly one name, used by the CLI (``--rank`` or ``--rank``'s snake twin
+``--lora_alpha``), by MLproject (``-P rank=16``), by the Makefile (``RANK=16``) and in
+``config.json``. Defaults are the real-model recipe of the seed study (SD 1.5, 512 px); the
+embedded toy default lives in ``research/configs/toy.json`` and is applied with ``--config``.
+
+Precedence: dataclass defaults < ``--config`` file < flags whose value differs from the default.
+("Differs from the default" rather than "was typed" because ``mlflow run`` always passes every
+parameter; a flag left at its default therefore never overrides the config file.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIGS_DIR = PACKAGE_DIR / "configs"
+TOY_CONFIG = CONFIGS_DIR / "toy.json"
+
+
+class ConfigError(ValueError):
+    """A config value a person must fix; the message says how."""
+
+
+@dataclass
+class TrainConfig:
+    # ── data ──────────────────────────────────────────────────────────────────────────────────
+    style_dir: str = "data/ghibli"  # folder of style images with optional same-stem .txt captions
+    style_name: str = ""  # used in the caption template and run names; empty = the folder's name
+    caption_template: str = "an illustration in {style} style"  # caption for images without a .txt
+    trigger_word: str = ""  # prepended to every caption (e.g. "ghbli"); empty = none
+    validation_prompts_file: str = ""  # one prompt a line; empty = <style_dir>/validation_prompts.txt or defaults
+    resolution: int = 512  # training and sampling size in pixels (SD 1.5 was trained at 512)
+    center_crop: bool = True  # center crop after resizing; false = random crop (disables latent caching)
+    random_flip: bool = True  # horizontal flip augmentation (cached latents keep both flips)
+    holdout_fraction: float = 0.2  # images held out of training as evaluation references
+    # ── base model ────────────────────────────────────────────────────────────────────────────
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, diffusers folder, .safetensors, or "embedded"
+    mixed_precision: str = "auto"  # auto = bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto = cuda if available, else cpu
+    # ── method ────────────────────────────────────────────────────────────────────────────────
+    method: str = "lora"  # which parameters train: lora
+    rank: int = 32  # LoRA rank r (seed default)
+    lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) * B @ A
+    lora_dropout: float = 0.0  # dropout on the LoRA branch
+    unet_target_modules: str = "to_q,to_k,to_v,to_out.0"  # UNet attention projections that get LoRA
+    train_text_encoder: bool = False  # also put LoRA on the text encoder (disables text-embedding caching)
+    text_encoder_target_modules: str = "q_proj,k_proj,v_proj,out_proj"  # CLIP attention projections
+    # ── optimisation ──────────────────────────────────────────────────────────────────────────
+    max_train_steps: int = 1000  # optimizer steps (after gradient accumulation)
+    train_batch_size: int = 2  # images per device per micro-step
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    learning_rate: float = 1e-4  # AdamW learning rate for the UNet-side weights
+    text_encoder_lr: float = 5e-5  # learning rate for text-encoder weights, when they train
+    adam_weight_decay: float = 1e-2  # decoupled weight decay
+    use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (GPU only) to save optimizer memory
+    lr_scheduler: str = "cosine_with_restarts"  # any diffusers scheduler name (constant, cosine, ...)
+    lr_warmup_steps: int = 100  # linear warm-up steps
+    lr_num_cycles: int = 3  # restarts for cosine_with_restarts
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    snr_gamma: float = 5.0  # min-SNR-gamma loss weighting; 5 is the paper's choice; 0 disables
+    noise_offset: float = 0.0  # offset noise strength (0.05-0.1 helps very dark/bright images)
+    prediction_type: str = ""  # epsilon | v_prediction; empty = what the base model's scheduler says
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    cache_latents: bool = True  # encode images once with the frozen VAE instead of every step
+    seed: int = 1126  # seeds data order, noise, timesteps and sampling (seed study's value)
+    # ── checkpoints ───────────────────────────────────────────────────────────────────────────
+    checkpointing_steps: int = 500  # save resumable state every N steps; 0 = only at the end
+    checkpoints_total_limit: int = 2  # keep this many resumable states; older ones are deleted
+    resume_from_checkpoint: str = ""  # "latest" or a path to a state folder; needs --run-dir of that run
+    # ── sampling ──────────────────────────────────────────────────────────────────────────────
+    sampler: str = "dpm++"  # dpm++ | ddim | euler | default (the scheduler saved with the model)
+    num_inference_steps: int = 30  # denoising steps per image
+    guidance_scale: float = 7.5  # classifier-free guidance scale
+    num_eval_images: int = 64  # images per arm (adapter and baseline): prompts x seeds
+    validation_steps: int = 0  # log validation images to MLflow every N steps; 0 = only at the end
+    sample_batch_size: int = 8  # images per pipeline call
+    # ── evaluation ────────────────────────────────────────────────────────────────────────────
+    metrics: str = "clip_score"  # comma-separated metric names computed at the end of training; "none" = skip
+    clip_model: str = "openai/clip-vit-base-patch32"  # CLIP for clip_score/style_similarity: hub id or folder
+    feature_extractor: str = "inception"  # FID/KID features: inception (real) | clip (CLIP image tower)
+    inception_weights: str = ""  # local Inception weights for FID/KID/IS when offline
+    lpips_weights: str = ""  # local AlexNet trunk for LPIPS; "random" = seeded random trunk
+    oracle: str = ""  # folder of a style/content oracle (the toy world ships one)
+    # ── tracking ──────────────────────────────────────────────────────────────────────────────
+    experiment: str = "exp1"  # MLflow experiment and runs/<experiment>/ folder
+    run_name: str = ""  # empty = <style_name>_<method>
+    output_dir: str = "runs"  # root of run folders
+    run_dir: str = ""  # continue in this existing run folder (for --resume-from-checkpoint)
+    log_every: int = 10  # log loss/lr to MLflow and the progress bar every N steps
+
+    # ─────────────────────────────────────────────────────────────────────────────────────────
+    def resolved_style_name(self) -> str:
+        return self.style_name or Path(self.style_dir).name
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.resolved_style_name()}_{self.method}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source} has unknown keys {unknown}; valid keys are the flags of --help.")
+        cfg = cls(**{k: _coerce(known[k], v, source) for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist; pass an existing JSON file to --config.")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"Config file {path} is not valid JSON ({err}); fix the file.") from None
+        return cls.from_dict(values, source=str(path))
+
+    def validate(self) -> None:
+        """Sanity checks at the end of parsing, each with the fix in its message."""
+        positive = ["resolution", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
+                    "num_inference_steps", "num_eval_images", "sample_batch_size", "log_every"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{_flag(name)} must be a positive number, got {getattr(self, name)}.")
+        if self.method == "lora" and self.rank <= 0:
+            raise ConfigError(f"--rank must be a positive integer, got {self.rank}.")
+        for name in ["learning_rate", "lora_alpha"]:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{_flag(name)} must be a positive finite number, got {value}.")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}.")
+        if self.resolution % 8:
+            raise ConfigError(f"--resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}.")
+        if self.mixed_precision not in {"auto", "no", "fp16", "bf16"}:
+            raise ConfigError(f"--mixed-precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
+        if self.prediction_type not in {"", "epsilon", "v_prediction"}:
+            raise ConfigError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}.")
+        if self.sampler not in {"dpm++", "ddim", "euler", "default"}:
+            raise ConfigError(f"--sampler must be dpm++, ddim, euler or default, got {self.sampler!r}.")
+        if self.snr_gamma < 0 or self.noise_offset < 0 or self.max_grad_norm < 0:
+            raise ConfigError("--snr-gamma, --noise-offset and --max-grad-norm must not be negative.")
+        if self.resume_from_checkpoint and not self.run_dir:
+            raise ConfigError("--resume-from-checkpoint needs --run-dir pointing at the run folder to continue.")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    kind = _field_type(f)
+    try:
+        if kind is bool:
+            return parse_bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise ConfigError(f"{source}: {f.name} must be {kind.__name__}, got {value!r}.") from None
+
+
+def _help_comments() -> dict[str, str]:
+    """The knob comments in this file become the --help text, so docs and code cannot drift."""
+    comments = {}
+    for line in Path(__file__).read_text().splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "=" in stripped and "  # " in stripped and not stripped.startswith("#"):
+            name = stripped.split(":", 1)[0].strip()
+            comments[name] = stripped.split("  # ", 1)[1]
+    return comments
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
+    """Add one flag per config field (``--kebab-case`` and its ``--snake_case`` twin)."""
+    comments = _help_comments()
+    parser.add_argument("--config", default="", help="JSON file of config values (e.g. research/configs/toy.json)")
+    for f in fields(TrainConfig):
+        if names is not None and f.name not in names:
+            continue
+        kind = _field_type(f)
+        flags = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        parser.add_argument(*flags, dest=f.name, default=f.default, type=parse_bool if kind is bool else kind,
+                            metavar=kind.__name__.upper(),
+                            help=f"{comments.get(f.name, '')} (default: {f.default!r})")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config file < flags that differ from their default."""
+    base = TrainConfig.from_json_file(args.config).to_dict() if getattr(args, "config", "") else {}
+    values = dict(base)
+    for f in fields(TrainConfig):
+        if hasattr(args, f.name):
+            given = getattr(args, f.name)
+            if given != f.default or f.name not in base:
+                values[f.name] = given
+    return TrainConfig.from_dict(values, source="command line")

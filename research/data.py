@@ -1,0 +1,145 @@
+"""Style folder -> images, captions, a seeded train/held-out split, and validation prompts.
+
+A style folder is read, never written. Layout (captions and prompts optional)::
+
+    data/ghibli/
+      0001.png  0001.txt  0002.jpg  ...  validation_prompts.txt
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+PROMPTS_FILE = "validation_prompts.txt"
+
+# Used when a style folder has no validation_prompts.txt and no --validation-prompts-file is given.
+DEFAULT_PROMPTS = {
+    "ghibli": ["a quiet village on a green hillside", "a girl with a straw hat in a flower field",
+               "a steam train crossing a river", "a cosy kitchen with sunlight through the window"],
+    "shinkai": ["a city street after rain at dusk", "a train platform under a vivid sunset sky",
+                "a schoolgirl looking at a sky full of clouds", "a lonely bridge under a starry night"],
+    "comic": ["a superhero standing on a rooftop", "a detective in a rainy alley",
+              "a robot bursting through a wall", "a close-up of a surprised face"],
+}
+GENERIC_PROMPTS = ["a portrait of a young woman", "a landscape with mountains and a lake",
+                   "a cat sitting on a windowsill", "a busy market street"]
+
+
+class DataError(ValueError):
+    """A problem with the user's style folder; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    caption: str
+    image: Image.Image  # RGB
+
+
+@dataclass(frozen=True)
+class StyleFolder:
+    name: str
+    train: list[Example]
+    heldout: list[Example]  # evaluation references: never trained on
+    validation_prompts: list[str]
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open any supported image as 8-bit RGB: alpha is composited on white, 16-bit is rescaled."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in {"I;16", "I;16B", "I;16L", "I"}:
+            # 16-bit (or 32-bit int) greyscale: scale the full range down to 8 bits, don't clip it.
+            arr = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if arr.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        if img.mode == "P":
+            img = img.convert("RGBA")
+        if img.mode in {"RGBA", "LA"}:
+            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(background, img.convert("RGBA"))
+        return img.convert("RGB")
+
+
+def _read_caption(image_path: Path, default: str, trigger_word: str) -> str:
+    txt = image_path.with_suffix(".txt")
+    caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
+    caption = caption or default
+    return f"{trigger_word}, {caption}" if trigger_word else caption
+
+
+def read_validation_prompts(style_dir: Path, style_name: str, prompts_file: str = "") -> list[str]:
+    path = Path(prompts_file) if prompts_file else style_dir / PROMPTS_FILE
+    if prompts_file and not path.is_file():
+        raise DataError(f"Validation prompts file {path} does not exist; fix --validation-prompts-file.")
+    if path.is_file():
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [p for p in prompts if p and not p.startswith("#")]
+        if prompts:
+            return prompts
+        log.warning("%s has no prompts; using the defaults for style %r.", path, style_name)
+    return DEFAULT_PROMPTS.get(style_name.lower(), GENERIC_PROMPTS)
+
+
+def load_style_folder(style_dir: str | Path, *, style_name: str = "", resolution: int = 512,
+                      caption_template: str = "an illustration in {style} style", trigger_word: str = "",
+                      holdout_fraction: float = 0.2, seed: int = 1126,
+                      validation_prompts_file: str = "") -> StyleFolder:
+    """Read every usable image of a style folder and split it, reproducibly, into train and held-out."""
+    style_dir = Path(style_dir)
+    if not style_dir.is_dir():
+        raise DataError(f"Style folder {style_dir} does not exist; pass a folder of images with --style-dir.")
+    name = style_name or style_dir.name
+    default_caption = caption_template.format(style=name)
+    min_side = max(8, resolution // 4)  # smaller images would teach the model upscaling blur, not style
+    examples = []
+    for path in sorted(p for p in style_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+        try:
+            image = load_rgb(path)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            log.warning("Skipping unreadable image %s (%s).", path, err)
+            continue
+        if min(image.size) < min_side:
+            log.warning("Skipping %s: %dx%d is smaller than %d px (a quarter of --resolution).",
+                        path, *image.size, min_side)
+            continue
+        examples.append(Example(path, _read_caption(path, default_caption, trigger_word), image))
+    if not examples:
+        raise DataError(f"No usable image in {style_dir}; add .png/.jpg/.jpeg/.webp/.bmp files of at least "
+                        f"{min_side} px.")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_heldout = round(len(examples) * holdout_fraction) if len(examples) > 1 else 0
+    if holdout_fraction > 0 and len(examples) > 1:
+        n_heldout = min(max(n_heldout, 1), len(examples) - 1)  # keep at least one image on each side
+    heldout = [examples[i] for i in sorted(order[:n_heldout])]
+    train = [examples[i] for i in sorted(order[n_heldout:])]
+    prompts = read_validation_prompts(style_dir, name, validation_prompts_file)
+    return StyleFolder(name, train, heldout, prompts)
+
+
+def preprocess(image: Image.Image, resolution: int, *, center_crop: bool = True, flip: bool = False,
+               rng: random.Random | None = None) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square, optionally flip; return CHW in [-1, 1]."""
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    if center_crop or rng is None:
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+    else:
+        left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -1,0 +1,50 @@
+"""LPIPS diversity: how different the images of one prompt (different seeds) look to each other."""
+from __future__ import annotations
+
+from itertools import combinations
+from typing import Mapping
+
+import numpy as np
+import torch
+
+PAIRS_PER_BATCH = 128  # image pairs per LPIPS forward pass
+
+
+def to_lpips_input(x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """Rescale images from `value_range` to the [-1, 1] that LPIPS expects (the seed fed [0, 1]).
+
+    The range is stated by the caller, not guessed from the pixels: a dark [-1, 1] image can lie inside [0, 1].
+    """
+    lo, hi = value_range
+    x = x.float()
+    if x.min() < lo - 1e-3 or x.max() > hi + 1e-3:
+        raise ValueError(f"Images lie in [{x.min():.3g}, {x.max():.3g}], outside the stated value_range {value_range}.")
+    return (x - lo) / (hi - lo) * 2 - 1
+
+
+@torch.no_grad()
+def lpips_distance(lpips_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """LPIPS between paired images x[i], y[i] ([N, 3, H, W] in value_range)."""
+    device = next(lpips_model.parameters()).device
+    x, y = to_lpips_input(x, value_range).to(device), to_lpips_input(y, value_range).to(device)
+    return lpips_model(x, y).flatten().cpu().double().numpy()
+
+
+def lpips_diversity(images_by_prompt: Mapping[str, torch.Tensor], lpips_model: torch.nn.Module,
+                    value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """Per prompt with ≥ 2 images, the mean LPIPS over all pairs of its images.
+
+    The prompt, not the pair, is the unit of the interval: pairs of one prompt share images.
+    """
+    groups = [imgs for imgs in images_by_prompt.values() if len(imgs) >= 2]
+    pairs = [(g, i, j) for g, imgs in enumerate(groups) for i, j in combinations(range(len(imgs)), 2)]
+    dists = []
+    for s in range(0, len(pairs), PAIRS_PER_BATCH):
+        chunk = pairs[s:s + PAIRS_PER_BATCH]
+        x = torch.stack([groups[g][i] for g, i, _ in chunk])
+        y = torch.stack([groups[g][j] for g, _, j in chunk])
+        dists.append(lpips_distance(lpips_model, x, y, value_range))
+    dists = np.concatenate(dists) if dists else np.zeros(0)
+    owner = np.array([g for g, _, _ in pairs], dtype=int)
+    return np.array([dists[owner == g].mean() for g in range(len(groups))])

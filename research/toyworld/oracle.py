@@ -1,0 +1,90 @@
+"""The oracle: a small CNN that reads the truth of a toy image — its style, shape, colour, background.
+
+It lets the study check what standard metrics only estimate: did training move the style, and was
+the content kept. Weights are `config.json` + `model.safetensors` (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+HEADS = ("style", "shape", "colour", "background")
+IMAGE_SIZE = 64  # the oracle's input; other sizes are resized to it
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )  # fmt: skip
+
+
+class Oracle(nn.Module):
+    def __init__(self, labels: dict[str, list[str]], width: int = 32):
+        super().__init__()
+        self.labels = {head: list(labels[head]) for head in HEADS}
+        self.width = width
+        # 64 → 32 → 16 → 8 → 4, then global pooling: position does not matter, only what is there.
+        self.features = nn.Sequential(_block(3, width), _block(width, 2 * width), _block(2 * width, 4 * width), _block(4 * width, 4 * width))
+        self.heads = nn.ModuleDict({head: nn.Linear(4 * width, len(self.labels[head])) for head in HEADS})
+
+    @property
+    def config(self) -> dict:
+        return {"labels": self.labels, "width": self.width, "image_size": IMAGE_SIZE}
+
+    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per head for a float batch N×3×64×64 in [0, 1]."""
+        h = self.features(pixels * 2 - 1).mean(dim=(2, 3))
+        return {head: layer(h) for head, layer in self.heads.items()}
+
+    def _to_tensor(self, images) -> torch.Tensor:
+        device = next(self.parameters()).device
+        if isinstance(images, torch.Tensor):
+            x = images.float()
+        else:
+            x = torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images]))
+            x = x.permute(0, 3, 1, 2)
+        if x.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
+        return x.to(device)
+
+    @torch.no_grad()
+    def predict_proba(self, images: list[Image.Image] | torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
+        """Class probabilities per head; images are PIL images or a float tensor N×3×H×W in [0, 1]."""
+        was_training = self.training
+        self.eval()
+        x = self._to_tensor(images)
+        out = {head: [] for head in HEADS}
+        for i in range(0, len(x), batch_size):
+            for head, logits in self(x[i : i + batch_size]).items():
+                out[head].append(logits.softmax(-1).cpu())
+        self.train(was_training)
+        return {head: torch.cat(parts) for head, parts in out.items()}
+
+    def predict(self, images: list[Image.Image] | torch.Tensor) -> dict[str, list[str]]:
+        """The most likely label per head and image."""
+        probs = self.predict_proba(images)
+        return {head: [self.labels[head][i] for i in p.argmax(-1).tolist()] for head, p in probs.items()}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Oracle":
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        model = cls(config["labels"], config["width"])
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        return model.eval()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.config, indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path / "model.safetensors")

@@ -1,0 +1,131 @@
+"""MLflow run + run folder: the two records every run leaves.
+
+The run folder (``runs/<experiment>/<timestamp>_<name>/``) has the layout users of the seed know;
+its files are logged to MLflow as artifacts at the end. MLflow defaults to a SQLite store in the
+repository root (``sqlite:///mlflow.db``, artifacts in ``mlartifacts/``); ``MLFLOW_TRACKING_URI``
+points elsewhere (a team server). Under ``mlflow run`` the run it created (``MLFLOW_RUN_ID``) is
+used instead of a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from research.atomic import write_json
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SUBDIRS = ("checkpoints", "inference", "thumbnails")
+log = logging.getLogger("research")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def new_run_dir(output_dir: str, experiment: str, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir) / experiment / f"{stamp}_{name}"
+    path, i = base, 1
+    while path.exists():  # two runs in the same second get distinct folders
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return path
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    """Console and logs.txt get the same lines; third-party noise stays out of both."""
+    root = logging.getLogger("research")
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(fmt)
+        root.addHandler(console)
+    if log_file is not None:
+        for h in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+            root.removeHandler(h)
+            h.close()
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """{"adapter": {"fid": {"mean": 3}}} -> {"adapter.fid": 3}: MLflow keys mirror metrics.json."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if "mean" in value:
+                flat[name] = float(value["mean"])
+            else:
+                flat.update(flatten_metrics(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+class Tracker:
+    """One MLflow run (or none, with ``enabled=False``) bound to one run folder."""
+
+    def __init__(self, run_dir: Path, experiment: str, run_name: str, tags: dict[str, str], enabled: bool = True):
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.run_id: str | None = None
+        if not enabled:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri())
+        if os.environ.get("MLFLOW_RUN_ID"):
+            run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+        else:
+            mlflow.set_experiment(experiment_id=self._experiment_id(experiment))
+            run = mlflow.start_run(run_name=run_name)
+        self.run_id = run.info.run_id
+        mlflow.set_tags(tags)
+
+    def _experiment_id(self, name: str) -> str:
+        found = self.mlflow.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if tracking_uri().startswith("sqlite:///"):  # artifacts beside the SQLite store, not in the cwd
+            location = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return self.mlflow.create_experiment(name, artifact_location=location)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.enabled:
+            self.mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.enabled and metrics:
+            self.mlflow.log_metrics(metrics, step=step)
+
+    def log_image(self, image, name: str, step: int | None = None) -> None:
+        if self.enabled:
+            stem = name if step is None else f"{Path(name).stem}_step{step:06d}{Path(name).suffix}"
+            self.mlflow.log_image(image, f"validation/{stem}")
+
+    def log_folder(self, skip: tuple[str, ...] = ()) -> None:
+        """Log the run folder's files as artifacts (keeping its layout)."""
+        if not self.enabled:
+            return
+        for path in sorted(self.run_dir.rglob("*")):
+            rel = path.relative_to(self.run_dir)
+            if path.is_file() and not any(rel.parts[0] == s or str(rel).startswith(s) for s in skip):
+                parent = str(rel.parent) if str(rel.parent) != "." else None
+                self.mlflow.log_artifact(str(path), artifact_path=parent)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.mlflow.end_run(status=status)
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    write_json(run_dir / "metrics.json", metrics)
