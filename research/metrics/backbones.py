@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-import urllib.error
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +102,7 @@ def load_lpips(weights: str | None = None, device: str = "cpu", seed: int = 0) -
     """
     import lpips
 
+    warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", module="torchvision")  # lpips uses the old API
     hint = "pass --lpips-weights with a local AlexNet .safetensors/.pth (or 'random'), or leave out lpips_diversity via --metrics."
     if weights == "random":
         with torch.random.fork_rng(devices=[]):

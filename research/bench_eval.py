@@ -1,0 +1,85 @@
+"""Benchmark: time compute_metrics on 256 synthetic 64 px images per arm with a tiny CLIP (toy-world scale).
+
+    python -m research.bench_eval [--num-images 256] [--threads 2]
+
+Uses the shipped toy CLIP (research/toyworld/weights/clip) when it exists, else a random tiny one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TOY_CLIP = Path(__file__).parent / "toyworld" / "weights" / "clip"
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789,.'-"  # the tiny tokenizer's alphabet
+
+
+def write_tiny_clip(folder: str | Path, seed: int = 0, width: int = 32, image_size: int = 64) -> Path:
+    """A random tiny CLIPModel folder with a char-level CLIPTokenizer and an image processor at `image_size`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in list(CHARS) + [c + "</w>" for c in CHARS]:
+        vocab.setdefault(token, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per character
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    layers = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1, **layers),
+                        vision_config=dict(image_size=image_size, patch_size=8, **layers), projection_dim=width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder
+
+
+def synthetic_images(n: int, seed: int, size: int = 64) -> list[Image.Image]:
+    """Smooth random colour fields (noise-free enough that LPIPS and CLIP see structure)."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((n, 8, 8, 3))
+    return [Image.fromarray((b * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC) for b in base]
+
+
+def main() -> None:
+    from research.metrics import METRICS, compute_metrics
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=256)  # per arm, as in the issue's speed target
+    parser.add_argument("--seeds-per-prompt", type=int, default=4)  # images per prompt, for LPIPS diversity
+    parser.add_argument("--num-references", type=int, default=100)  # held-out style images
+    parser.add_argument("--threads", type=int, default=2)  # the issue's target machine has 2 cores
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = TOY_CLIP if TOY_CLIP.exists() else write_tiny_clip(Path(tmp) / "clip")
+        prompts = [f"a red cube on grass {i // args.seeds_per_prompt}" for i in range(args.num_images)]
+        # IS without an oracle needs Inception, which has no offline weights: time the rest
+        metrics = [m for m in METRICS if m not in ("inception_score", "oracle_style_accuracy", "oracle_content_accuracy")]
+        timings: dict = {}
+        start = time.perf_counter()
+        result = compute_metrics(synthetic_images(args.num_images, 1), synthetic_images(args.num_images, 2), prompts,
+                                 synthetic_images(args.num_references, 3), metrics=metrics, clip_model=str(clip),
+                                 lpips_weights="random", feature_extractor="clip", progress=False, timings=timings)
+        total = time.perf_counter() - start
+    print(f"CLIP: {clip}  images per arm: {args.num_images}  references: {args.num_references}  threads: {args.threads}")
+    for stage, seconds in timings.items():
+        print(f"  {stage:<22} {seconds:7.2f} s")
+    print(f"  {'total':<22} {total:7.2f} s")
+    print("adapter:", {m: round(v["mean"], 4) for m, v in result["adapter"].items()})
+
+
+if __name__ == "__main__":
+    main()
