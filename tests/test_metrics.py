@@ -1,0 +1,261 @@
+"""Metrics against independent references (closed forms, hand-made embeddings, the libraries' own paths)."""
+from __future__ import annotations
+
+import sys
+import types
+import urllib.error
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+from cleanfid.fid import frechet_distance
+
+from research.bench_eval import synthetic_images, write_tiny_clip
+from research.metrics import METRICS, compute_metrics
+from research.metrics.alignment import clip_score, style_similarity
+from research.metrics.backbones import MissingWeightsError, load_clip, load_inception, load_lpips
+from research.metrics.distribution import fid, fid_report, inception_score, kid_report, kid_subsets
+from research.metrics.diversity import lpips_distance, lpips_diversity
+from research.metrics.oracle import oracle_content_accuracy, oracle_style_accuracy
+from research.metrics.stats import summarize
+
+Scene = namedtuple("Scene", "shape colour background")
+ORACLE_CLASSES = {"style": ["pastel", "vivid", "comic"], "shape": ["cube", "ball"], "colour": ["red", "blue"],
+                  "background": ["grass", "sky"]}
+
+
+def gaussian_with_exact_moments(rng, n, mean, var):
+    """Rows whose sample mean and (ddof=1) covariance are exactly `mean` and diag(var)."""
+    z = rng.standard_normal((n, len(mean)))
+    q, _ = np.linalg.qr(z - z.mean(0))  # orthonormal columns, each orthogonal to the all-ones vector
+    return q * np.sqrt(n - 1) * np.sqrt(var) + mean
+
+
+# ----------------------------------------------------------------------------- FID
+
+def test_fid_of_a_set_with_itself_is_zero():
+    x = np.random.default_rng(0).standard_normal((300, 8))
+    assert abs(fid(x, x)) < 1e-6
+
+
+def test_fid_equals_closed_form_for_diagonal_gaussians():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    v1, v2 = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    a, b = gaussian_with_exact_moments(rng, 400, mu1, v1), gaussian_with_exact_moments(rng, 300, mu2, v2)
+    closed = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * np.sqrt(v1 * v2)).sum()
+    assert fid(a, b) == pytest.approx(closed, rel=1e-6)
+
+
+def test_fid_of_small_sets_matches_clean_fid_on_full_covariances():
+    # fewer images than dimensions: our reduced basis must give what clean-fid gives on the full 64-d covariances
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((40, 64)), rng.standard_normal((40, 64)) + 0.3
+    full = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert fid(a, b) == pytest.approx(full, rel=1e-4)
+    report = fid_report(a, b, n_boot=20)
+    assert report["unreliable"] is True and report["n"] == 40 and report["ci95"][0] <= report["ci95"][1]
+
+
+# ----------------------------------------------------------------------------- KID
+
+def unbiased_mmd2_cubic(x, y):
+    """Independent reference: unbiased MMD² with k(x, y) = (x·y/d + 1)³ on the full sets."""
+    d, n, m = x.shape[1], len(x), len(y)
+    k = lambda p, q: (p @ q.T / d + 1) ** 3
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    return ((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+            - 2 * kxy.mean())
+
+
+def test_kid_matches_unbiased_mmd_and_separates_shifted_sets():
+    rng = np.random.default_rng(3)
+    a, b, shifted = (rng.standard_normal((150, 16)), rng.standard_normal((150, 16)),
+                     rng.standard_normal((150, 16)) + 1.0)
+    # equal sizes: every subset is the whole set, so the subset mean is the full-set unbiased estimate
+    assert kid_subsets(a, shifted, num_subsets=3).mean() == pytest.approx(unbiased_mmd2_cubic(a, shifted), rel=1e-9)
+    same, apart = kid_report(a, b), kid_report(a, shifted)
+    assert abs(same["mean"]) < 0.1 * apart["mean"]
+    assert apart["ci95"][0] > 0 and same["ci95"][0] <= 0 <= same["ci95"][1] + 1e-3
+
+
+def test_kid_works_on_five_images():
+    rng = np.random.default_rng(4)
+    report = kid_report(rng.standard_normal((5, 8)), rng.standard_normal((7, 8)))
+    assert report["n"] == 5 and report["subset_size"] == 5 and np.isfinite(report["mean"]) and np.isfinite(report["std"])
+    assert report["ci95"][0] <= report["mean"] <= report["ci95"][1]
+
+
+# ----------------------------------------------------------------------------- IS
+
+def test_inception_score_closed_forms():
+    k = 4
+    confident_and_spread = np.eye(k)[np.arange(200) % k]  # each image certain, classes uniform: IS = k
+    assert inception_score(confident_and_spread, splits=1)[0] == pytest.approx(k, rel=1e-6)
+    assert inception_score(np.tile(np.eye(k)[0], (50, 1)), splits=1)[0] == pytest.approx(1.0, abs=1e-6)
+    assert inception_score(np.full((50, k), 1 / k), splits=1)[0] == pytest.approx(1.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- CLIP score, style similarity
+
+def test_clip_score_on_hand_made_embeddings():
+    images = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [3.0, 0.0]])
+    texts = np.array([[2.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    np.testing.assert_allclose(clip_score(images, texts), [100.0, 0.0, 0.0, 100 / np.sqrt(2), 100.0], atol=1e-9)
+
+
+def test_style_similarity_is_mean_cosine_to_references():
+    refs = np.array([[1.0, 0.0], [0.0, 5.0]])
+    np.testing.assert_allclose(style_similarity(np.array([[2.0, 0.0], [1.0, 1.0]]), refs),
+                               [0.5, 1 / np.sqrt(2)], atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- LPIPS
+
+@pytest.fixture(scope="module")
+def random_lpips():
+    model, label = load_lpips("random", seed=0)
+    assert label.startswith("alex-random")
+    return model
+
+
+def test_lpips_of_an_image_with_itself_is_zero(random_lpips):
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    np.testing.assert_allclose(lpips_distance(random_lpips, x, x), 0.0, atol=1e-7)
+
+
+def test_lpips_rescales_inputs_to_minus_one_one(random_lpips):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g)  # in [0, 1]
+    with torch.no_grad():
+        reference = random_lpips(x, y, normalize=True).flatten().numpy()  # lpips' own [0,1] → [-1,1] path
+        wrong = random_lpips(x, y).flatten().numpy()  # the seed's bug: [0, 1] fed as if [-1, 1]
+    ours = lpips_distance(random_lpips, x, y, value_range=(0, 1))
+    np.testing.assert_allclose(ours, reference, rtol=1e-5)
+    np.testing.assert_allclose(lpips_distance(random_lpips, x * 255, y * 255, value_range=(0, 255)), reference, rtol=1e-4)
+    assert not np.allclose(ours, wrong, rtol=1e-2)
+    with pytest.raises(ValueError, match="outside"):
+        lpips_distance(random_lpips, x * 255, y * 255, value_range=(0, 1))
+
+
+def test_lpips_diversity_is_zero_for_repeated_images(random_lpips):
+    same = torch.rand(3, 3, 64, 64) * 2 - 1
+    different = torch.rand(3, 3, 64, 64) * 2 - 1
+    values = lpips_diversity({"a": same[:1].repeat(3, 1, 1, 1), "b": different, "single": same[:1]}, random_lpips)
+    assert values.shape == (2,) and values[0] == pytest.approx(0, abs=1e-7) and values[1] > 0.01
+
+
+def test_lpips_loads_a_local_alexnet_trunk(tmp_path):
+    from safetensors.torch import save_file
+    from torchvision.models import alexnet
+
+    torch.manual_seed(5)
+    state = alexnet(weights=None).state_dict()
+    save_file(state, str(tmp_path / "alexnet.safetensors"))
+    model, label = load_lpips(str(tmp_path / "alexnet.safetensors"))
+    assert torch.equal(model.net.slice1[0].weight, state["features.0.weight"])
+    assert torch.equal(getattr(model.net.slice5, "10").bias, state["features.10.bias"]) and "alexnet.safetensors" in label
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+def test_bootstrap_interval_covers_the_true_mean_at_about_the_nominal_rate():
+    rng = np.random.default_rng(6)
+    true_mean, hits, reps = 1.0, 0, 200
+    for rep in range(reps):
+        sample = rng.exponential(true_mean, size=60)  # skewed, like per-image scores
+        lo, hi = summarize(sample, n_boot=1000, seed=rep)["ci95"]
+        hits += lo <= true_mean <= hi
+    assert 0.88 <= hits / reps <= 0.99
+
+
+# ----------------------------------------------------------------------------- oracle metrics
+
+def test_oracle_accuracies_on_hand_made_probabilities():
+    probs = {"style": np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]]),
+             "shape": np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]),
+             "colour": np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9]])}
+    np.testing.assert_array_equal(oracle_style_accuracy(probs, "vivid", ORACLE_CLASSES), [1, 0, 0])
+    np.testing.assert_array_equal(oracle_style_accuracy(probs, 2), [0, 0, 1])
+    scenes = [Scene("cube", "red", "sky"), Scene("ball", "blue", "sky"), None]  # 2nd: shape right, colour wrong
+    np.testing.assert_array_equal(oracle_content_accuracy(probs, scenes, ORACLE_CLASSES), [1, 0])
+
+
+# ----------------------------------------------------------------------------- missing weights
+
+def test_missing_clip_names_the_option(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in (str(tmp_path / "no-such-clip"), "openai/clip-vit-base-patch32"):
+        with pytest.raises(MissingWeightsError, match="--clip-model") as err:
+            load_clip(name)
+        assert "--metrics" in str(err.value) and str(err.value).count(". ") == 0
+
+
+def test_missing_inception_names_the_option(monkeypatch, tmp_path):
+    import cleanfid.inception_torchscript as ts
+
+    def offline(fpath):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(ts, "check_download_inception", offline)
+    with pytest.raises(MissingWeightsError, match="--inception-weights"):
+        load_inception(None)
+    with pytest.raises(MissingWeightsError, match="--inception-weights"):
+        load_inception(str(tmp_path / "inception.pt"))
+
+
+def test_missing_lpips_trunk_names_the_option(monkeypatch, tmp_path):
+    import torchvision.models._api as tv_api
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", offline)
+    with pytest.raises(MissingWeightsError, match="--lpips-weights"):
+        load_lpips(None)
+    with pytest.raises(MissingWeightsError, match="--lpips-weights"):
+        load_lpips(str(tmp_path / "alexnet.pth"))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+class FakeOracle:
+    """Stands in for research.toyworld.oracle.Oracle: fixed random class probabilities per image."""
+    classes = ORACLE_CLASSES
+
+    def predict_proba(self, images):
+        g = torch.Generator().manual_seed(len(images))
+        return {h: torch.softmax(torch.randn(len(images), len(c), generator=g), -1) for h, c in self.classes.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return str(write_tiny_clip(tmp_path_factory.mktemp("clip"), width=32))
+
+
+def test_compute_metrics_end_to_end(tiny_clip, monkeypatch):
+    scenes = types.ModuleType("research.toyworld.scenes")
+    scenes.parse_caption = lambda p: Scene("cube", "red", "grass") if "cube" in p else None
+    monkeypatch.setitem(sys.modules, "research.toyworld.scenes", scenes)
+    prompts = [f"a red cube on grass" if i < 8 else "a blue ball in the sky" for i in range(12)]
+    timings = {}
+    result = compute_metrics(synthetic_images(12, 1), synthetic_images(12, 2), prompts, synthetic_images(6, 3),
+                             clip_model=tiny_clip, lpips_weights="random", oracle=FakeOracle(), target_style="pastel",
+                             feature_extractor="clip", progress=False, n_boot=200, set_n_boot=10, timings=timings)
+    assert set(result) == {"adapter", "baseline"}
+    for arm in result.values():
+        assert set(arm) == set(METRICS)
+        for name, m in arm.items():
+            assert len(m["ci95"]) == 2 and isinstance(m["mean"], float), name
+            assert m["ci95"][0] <= m["mean"] + 1e-9 or name == "fid", name  # bootstrapped FID is biased upward
+        assert arm["clip_score"]["n"] == arm["style_similarity"]["n"] == arm["fid"]["n"] == 12
+        assert arm["fid"]["unreliable"] is True and arm["fid"]["backbone"].startswith("clip:")
+        assert arm["lpips_diversity"]["n"] == 2 and arm["oracle_content_accuracy"]["n"] == 8
+        assert arm["inception_score"]["backbone"].startswith("oracle")
+    assert "features:clip" in timings
+
+
+def test_compute_metrics_rejects_unknown_names(tiny_clip):
+    images = synthetic_images(2, 0)
+    with pytest.raises(ValueError, match="valid names are clip_score"):
+        compute_metrics(images, images, ["a", "b"], images, metrics=["fid", "sharpness"], clip_model=tiny_clip)
