@@ -59,12 +59,13 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=256)  # per arm, as in the speed target
     parser.add_argument("--seeds-per-prompt", type=int, default=4)  # images per prompt, for LPIPS diversity
     parser.add_argument("--num-references", type=int, default=100)  # held-out style images
+    parser.add_argument("--clip-model", default=None)  # a CLIPModel folder; default: the toy CLIP or a random tiny one
     parser.add_argument("--threads", type=int, default=2)  # the target machine has 2 cores
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
-        clip = TOY_CLIP if TOY_CLIP.exists() else write_tiny_clip(Path(tmp) / "clip")
+        clip = args.clip_model or (TOY_CLIP if TOY_CLIP.exists() else write_tiny_clip(Path(tmp) / "clip"))
         prompts = [f"a red cube on grass {i // args.seeds_per_prompt}" for i in range(args.num_images)]
         # IS without an oracle needs Inception, which has no offline weights: time the rest
         metrics = [m for m in METRICS if m not in ("inception_score", "oracle_style_accuracy", "oracle_content_accuracy")]

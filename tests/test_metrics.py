@@ -15,7 +15,7 @@ from research.bench_eval import synthetic_images, write_tiny_clip
 from research.metrics import METRICS, compute_metrics
 from research.metrics.alignment import clip_score, style_similarity
 from research.metrics.backbones import MissingWeightsError, load_clip, load_inception, load_lpips
-from research.metrics.distribution import fid, fid_report, inception_score, kid_report, kid_subsets
+from research.metrics.distribution import _fid_by_svd, fid, fid_report, inception_score, kid_report, kid_subsets
 from research.metrics.diversity import lpips_distance, lpips_diversity
 from research.metrics.oracle import oracle_content_accuracy, oracle_style_accuracy
 from research.metrics.stats import summarize
@@ -54,6 +54,7 @@ def test_fid_of_small_sets_matches_clean_fid_on_full_covariances():
     a, b = rng.standard_normal((40, 64)), rng.standard_normal((40, 64)) + 0.3
     full = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert fid(a, b) == pytest.approx(full, rel=1e-4)
+    assert _fid_by_svd(a, b) == pytest.approx(full, rel=1e-4)  # the bootstrap draws' shortcut
     report = fid_report(a, b, n_boot=20)
     assert report["unreliable"] is True and report["n"] == 40 and report["ci95"][0] <= report["ci95"][1]
 
@@ -259,3 +260,38 @@ def test_compute_metrics_rejects_unknown_names(tiny_clip):
     images = synthetic_images(2, 0)
     with pytest.raises(ValueError, match="valid names are clip_score"):
         compute_metrics(images, images, ["a", "b"], images, metrics=["fid", "sharpness"], clip_model=tiny_clip)
+
+
+class _FakeInceptionTrunk(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, 2048, 1)
+
+    def forward(self, x):
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 1))
+
+
+class _FakeInception(torch.nn.Module):
+    """Same TorchScript interface as clean-fid's inception-2015-12-05.pt (layers, features, softmax head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers, self.head = _FakeInceptionTrunk(), torch.nn.Linear(2048, 1008)
+
+    def forward(self, x, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False):
+        f = self.layers((x - 128) / 128).flatten(1)
+        return f if return_features else torch.softmax(self.head(f), -1)
+
+
+def test_compute_metrics_with_a_local_inception_file(tmp_path, tiny_clip):
+    torch.manual_seed(0)
+    torch.jit.script(_FakeInception()).save(str(tmp_path / "my-inception.pt"))  # any name: loader links it in
+    prompts = ["a red cube"] * 6
+    result = compute_metrics(synthetic_images(6, 1), None, prompts, synthetic_images(5, 3),
+                             metrics=("fid", "kid", "inception_score"), clip_model=tiny_clip,
+                             inception_weights=str(tmp_path / "my-inception.pt"), progress=False, set_n_boot=5)
+    assert set(result) == {"adapter"}
+    adapter = result["adapter"]
+    assert adapter["fid"]["backbone"] == "inception-clean" and adapter["fid"]["unreliable"] is True
+    assert adapter["kid"]["subset_size"] == 5 and adapter["inception_score"]["backbone"] == "inception"
+    assert 1.0 <= adapter["inception_score"]["mean"] <= 1008
