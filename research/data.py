@@ -62,7 +62,7 @@ def load_rgb(path: Path) -> Image.Image:
             # 16-bit (or 32-bit int) greyscale: scale the full range down to 8 bits, don't clip it.
             arr = np.asarray(img, dtype=np.float64)
             top = 65535.0 if arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
         if img.mode == "P":
             img = img.convert("RGBA")
         if img.mode in {"RGBA", "LA"}:
@@ -101,7 +101,7 @@ def load_style_folder(style_dir: str | Path, *, style_name: str = "", resolution
         raise DataError(f"Style folder {style_dir} does not exist; pass a folder of images with --style-dir.")
     name = style_name or style_dir.name
     default_caption = caption_template.format(style=name)
-    min_side = max(8, resolution // 4)  # smaller images would teach the model upscaling blur, not style
+    min_side = max(16, resolution // 4)  # smaller images would teach the model upscaling blur, not style
     examples = []
     for path in sorted(p for p in style_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
         try:

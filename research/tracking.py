@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,14 +36,26 @@ def new_run_dir(output_dir: str, experiment: str, name: str) -> Path:
     return path
 
 
+class _Console(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(log_file: Path | None = None) -> None:
     """Console and logs.txt get the same lines; third-party noise stays out of both."""
     root = logging.getLogger("research")
     root.setLevel(logging.INFO)
     root.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
-        console = logging.StreamHandler()
+    if not any(isinstance(h, _Console) for h in root.handlers):
+        console = _Console()
         console.setFormatter(fmt)
         root.addHandler(console)
     if log_file is not None:
@@ -100,8 +113,19 @@ class Tracker:
         return self.mlflow.create_experiment(name, artifact_location=location)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if self.enabled:
-            self.mlflow.log_params({k: ("" if v is None else v) for k, v in params.items()})
+        """Log the resolved config. Under `mlflow run` the -P values are already logged and MLflow
+        forbids changing them, so a value the config file changed is logged as `resolved.<key>`."""
+        if not self.enabled:
+            return
+        as_text = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items()}
+        existing = self.mlflow.get_run(self.run_id).data.params
+        fresh = {}
+        for key, value in as_text.items():
+            if key not in existing:
+                fresh[key] = value
+            elif not _same_value(existing[key], value):
+                fresh[f"resolved.{key}"] = value
+        self.mlflow.log_params(fresh)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled and metrics:
@@ -122,9 +146,22 @@ class Tracker:
                 parent = str(rel.parent) if str(rel.parent) != "." else None
                 self.mlflow.log_artifact(str(path), artifact_path=parent)
 
+    def fail(self) -> None:
+        """End the run as FAILED, keeping its log."""
+        if self.enabled:
+            self.mlflow.log_artifact(str(self.run_dir / "logs.txt"))
+        self.finish("FAILED")
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self.mlflow.end_run(status=status)
+
+
+def _same_value(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

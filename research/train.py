@@ -40,6 +40,9 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. NaN loss); the message says what to change."""
 
 
+USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, TrainingError)
+
+
 @dataclass
 class StepInfo:
     step: int
@@ -360,6 +363,8 @@ def run(cfg: TrainConfig, track: bool = True) -> Path:
     from research.sample import sample_run
     from research.tracking import SUBDIRS, Tracker, new_run_dir, setup_logging, write_metrics
 
+    if not Path(cfg.style_dir).is_dir():  # fail before a run folder or MLflow run exists
+        raise DataError(f"Style folder {cfg.style_dir} does not exist; pass a folder of images with --style-dir.")
     run_dir = Path(cfg.run_dir) if cfg.run_dir else new_run_dir(cfg.output_dir, cfg.experiment, cfg.resolved_run_name())
     for sub in SUBDIRS:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -386,11 +391,13 @@ def run(cfg: TrainConfig, track: bool = True) -> Path:
         tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
         tracker.log_folder(skip=(f"checkpoints/{STATE_PREFIX}",))
         tracker.finish("FINISHED")
+    except USER_ERRORS as err:
+        log.error("%s", err)  # the user's input, not a bug: one line, no traceback
+        tracker.fail()
+        raise
     except BaseException:
         log.exception("run failed")
-        if tracker.enabled:
-            tracker.mlflow.log_artifact(str(run_dir / "logs.txt"))
-        tracker.finish("FAILED")
+        tracker.fail()
         raise
     return run_dir
 
@@ -415,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
         run_dir = run(cfg, track=not args.no_tracking)
-    except (ConfigError, DataError, ModelNotFoundError, TrainingError) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\nDone. Run folder: {run_dir}\n  metrics: {run_dir / 'metrics.json'}\n  browse:  make ui")

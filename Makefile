@@ -1,0 +1,65 @@
+# Thin wrappers over `python -m research.<module>`; each flag has the same name in MLproject.
+# `make` alone lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TOY_DATA := data/toy
+TOY_CONFIG := research/configs/toy.json
+
+# Optional knobs, e.g. `make train STYLE_DIR=data/ghibli RANK=16`; ARGS passes anything else.
+CONFIG ?=
+FLAGS = $(if $(CONFIG),--config $(CONFIG)) $(if $(STYLE_DIR),--style-dir $(STYLE_DIR)) \
+	$(if $(BASE_MODEL),--base-model $(BASE_MODEL)) $(if $(RANK),--rank $(RANK)) \
+	$(if $(LORA_ALPHA),--lora-alpha $(LORA_ALPHA)) $(if $(STEPS),--max-train-steps $(STEPS)) \
+	$(if $(LR),--learning-rate $(LR)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
+
+.PHONY: help setup quickstart test test-slow train sample evaluate data toyworld ui bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed ## create .venv with the pinned requirements (a no-op once done)
+
+$(TOY_DATA)/.done: $(VENV)/.installed
+	$(PY) -m research.toyworld.generate --out $(TOY_DATA)
+	touch $@
+
+data: $(TOY_DATA)/.done ## generate the toy-world style folders (data/toy/<style>/)
+
+quickstart: setup data ## train a LoRA on the embedded toy default, sample, evaluate, print where to look
+	$(PY) -m research.train --config $(TOY_CONFIG) $(ARGS)
+
+test: setup ## run the fast test suite
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup ## run the slow learning checks (minutes)
+	$(PY) -m pytest -q -m slow
+
+train: setup ## train an adapter: STYLE_DIR=… BASE_MODEL=… RANK=… STEPS=… LR=… CONFIG=… ARGS="--flag v"
+	$(PY) -m research.train $(FLAGS)
+
+sample: setup ## sample a finished run again: RUN=runs/<experiment>/<run> [ARGS="--num-eval-images 16"]
+	$(PY) -m research.sample --run-dir $(RUN) $(ARGS)
+
+evaluate: setup ## evaluate a run: RUN=runs/<experiment>/<run> [ARGS="--num-images 256 --metrics clip_score,fid"]
+	$(PY) -m research.evaluate --run-dir $(RUN) $(ARGS)
+
+toyworld: setup ## regenerate the toy world's data and retrain its models from scratch (slow on CPU)
+	$(PY) -m research.toyworld.pretrain --out research/toyworld/weights $(ARGS)
+
+ui: setup ## MLflow UI on http://127.0.0.1:5000 (HOST=0.0.0.0 to share)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)
+
+bench: setup ## speed benchmarks (training steps/s, evaluation time)
+	$(PY) -m research.bench $(ARGS)
+
+clean: ## remove caches and regenerable toy data (keeps runs/ and mlflow.db)
+	rm -rf .pytest_cache $(TOY_DATA)
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -1,0 +1,141 @@
+"""MLproject, conda.yaml, requirements.txt and the CLIs speak one vocabulary."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_train_args
+from research.config import ConfigError, TOY_CONFIG, TrainConfig, config_from_args
+from research.train import build_parser
+
+REPO = Path(__file__).resolve().parent.parent
+MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
+
+
+def cli_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {opt.lstrip("-"): action for action in parser._actions for opt in action.option_strings}
+
+
+def entry_parsers() -> dict[str, argparse.ArgumentParser]:
+    from research import sample
+
+    captured = {}
+
+    class Capture(Exception):
+        pass
+
+    def grab(self, *a, **k):
+        captured["parser"] = self
+        raise Capture
+
+    parsers = {"train": build_parser()}
+    original = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(Capture):
+            sample.main([])
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    parsers["sample"] = captured["parser"]
+    return parsers
+
+
+@pytest.mark.parametrize("entry", ["train", "sample"])
+def test_every_mlproject_parameter_is_a_cli_flag_with_the_same_default(entry):
+    spec = MLPROJECT["entry_points"][entry]
+    options = cli_options(entry_parsers()[entry])
+    for name, param in spec["parameters"].items():
+        assert name in options, f"MLproject {entry}.{name} is not a flag of the CLI"
+        assert f"--{name} {{{name}}}" in spec["command"], f"{entry}.{name} is not passed by the command"
+        action = options[name]
+        if "default" in param:
+            default = action.default
+            if isinstance(default, bool):
+                assert param["default"] == str(default).lower(), name
+            else:
+                assert param["default"] == default, name
+            kind = {str: "string", bool: "string", int: "int", float: "float"}[type(default)]
+            assert param["type"] == kind, name
+
+
+def test_every_config_field_is_an_mlproject_train_parameter():
+    params = MLPROJECT["entry_points"]["train"]["parameters"]
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= set(params)
+
+
+def test_conda_pins_equal_requirements():
+    reqs = [l.strip() for l in (REPO / "requirements.txt").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    conda = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(pip) == sorted(reqs)
+    assert "python=3.11" in conda["dependencies"]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][^\s]*", r) for r in reqs), "every requirement is pinned"
+
+
+def test_config_precedence_defaults_file_flags(tmp_path):
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"rank": 4, "learning_rate": 0.01, "style_dir": "x"}))
+    args = build_parser().parse_args(["--config", str(cfg_file), "--learning-rate", "0.5", "--rank", "32"])
+    cfg = config_from_args(args)
+    assert cfg.learning_rate == 0.5  # a flag that differs from its default wins
+    assert cfg.rank == 4  # a flag left at its default (as mlflow run passes it) does not
+    assert cfg.style_dir == "x" and cfg.seed == TrainConfig.seed
+
+
+def test_config_json_round_trip_and_bad_values(tmp_path):
+    cfg = TrainConfig(rank=8, train_text_encoder=True)
+    path = tmp_path / "c.json"
+    path.write_text(cfg.to_json())
+    assert TrainConfig.from_json_file(path) == cfg
+    path.write_text(json.dumps({"rnak": 3}))
+    with pytest.raises(ConfigError, match="unknown keys"):
+        TrainConfig.from_json_file(path)
+    path.write_text(json.dumps({"rank": "many"}))
+    with pytest.raises(ConfigError, match="rank must be int"):
+        TrainConfig.from_json_file(path)
+    with pytest.raises(ConfigError, match="holdout"):
+        TrainConfig.from_dict({"holdout_fraction": 1.5})
+
+
+def test_toy_config_is_valid():
+    cfg = TrainConfig.from_json_file(TOY_CONFIG)
+    assert cfg.base_model == "embedded" and cfg.resolution == 64
+
+
+def test_make_help_lists_every_target():
+    out = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for target in ["setup", "quickstart", "test", "train", "sample", "evaluate", "ui", "clean", "toyworld"]:
+        assert re.search(rf"make {target}\s", out), target
+
+
+def test_mlflow_run_entry_point(tiny_model, odd_style_dir, tmp_path):
+    """`mlflow run . -e train` with the local environment: MLflow creates the run, we attach to it."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = tiny_train_args(odd_style_dir, tiny_model, tmp_path / "runs", max_train_steps=2, checkpointing_steps=0)
+    params = []
+    for flag, value in zip(args[::2], args[1::2]):
+        params += ["-P", f"{flag[2:].replace('-', '_')}={value}"]
+    # `--env-manager local` runs the command with the `python` on PATH: the activated venv's
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    proc = subprocess.run([str(mlflow_bin), "run", ".", "-e", "train", "--env-manager", "local",
+                           "--experiment-name", "test", *params], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["max_train_steps"] == "2" and "cost.train_seconds" in runs[0].data.metrics

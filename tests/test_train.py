@@ -1,0 +1,194 @@
+"""The real training entry point on a tiny random SD model: files, reload, resume, tracking."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import tiny_train_args
+from research import train as train_module
+from research.train import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def one_line_error(stderr: str, fragment: str) -> bool:
+    """The person sees one `error:` sentence containing the fix, and no traceback."""
+    last = stderr.strip().splitlines()[-1]
+    return last.startswith("error: ") and fragment in last and "Traceback" not in stderr
+
+
+def only_run(out: Path) -> Path:
+    runs = [p for p in (out / "test").iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, odd_style_dir, tmp_path_factory) -> Path:
+    """One tracked run through the real CLI in a subprocess, shared by the checks below."""
+    out = tmp_path_factory.mktemp("runs")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{out / 'mlflow.db'}", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "research.train", *tiny_train_args(odd_style_dir, tiny_model, out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run(out)
+
+
+def test_run_folder_layout(finished_run, odd_style_dir):
+    for sub in ["checkpoints", "inference", "inference/baseline", "thumbnails"]:
+        assert (finished_run / sub).is_dir(), sub
+    cfg = json.loads((finished_run / "config.json").read_text())
+    assert cfg["rank"] == 4 and cfg["style_dir"] == str(odd_style_dir)
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["n_images"] == 4
+    assert set(metrics) >= {"n_images", "adapter", "baseline", "cost"}
+    cost = metrics["cost"]
+    assert cost["trainable_params"] > 0 and cost["artifact_bytes"] > 0 and cost["steps_per_second"] > 0
+    assert len(list((finished_run / "inference").glob("*.png"))) == 4
+    assert len(list((finished_run / "inference" / "baseline").glob("*.png"))) == 4
+    assert sorted(p.name for p in (finished_run / "thumbnails").glob("*.png")) == ["p00_strip.png", "p01_strip.png"]
+    log = (finished_run / "logs.txt").read_text()
+    assert "step 4/4 loss" in log
+    # the odd files were named and skipped, the odd modes were used: 8 good + rgba, grey, palette, 16-bit, jpg
+    assert "corrupt.png" in log and "tiny.png" in log
+    assert "10 training images, 3 held out" in log
+
+
+def test_lora_file_loads_with_diffusers_and_changes_output(finished_run, tiny_model):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a striped card", num_inference_steps=2, height=32, width=32, generator=g,
+                    output_type="np").images
+
+    base = render()
+    pipe.load_lora_weights(str(finished_run / "checkpoints"), weight_name="pytorch_lora_weights.safetensors",
+                           adapter_name="style")
+    with_lora = render()
+    assert abs(with_lora - base).max() > 1e-4  # the adapter is really applied
+    pipe.set_adapters(["style"], adapter_weights=[0.0])
+    assert abs(render() - base).max() < 1e-5  # scale 0 is the base model
+
+
+def test_lora_alpha_and_config_travel_with_the_weights(finished_run):
+    path = finished_run / "checkpoints" / "pytorch_lora_weights.safetensors"
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    lora_meta = json.loads(meta["lora_adapter_metadata"])
+    assert lora_meta["unet.r"] == 4 and lora_meta["unet.lora_alpha"] == 8
+    assert json.loads(meta["research_config"])["rank"] == 4
+
+
+def test_kohya_copy_has_the_expected_keys_and_alpha(finished_run):
+    diffusers_sd = load_file(finished_run / "checkpoints" / "pytorch_lora_weights.safetensors")
+    kohya = load_file(finished_run / "checkpoints" / "lora_kohya.safetensors")
+    modules = {k.split(".lora")[0] for k in diffusers_sd}
+    assert len(modules) * 3 == len(kohya)  # lora_down, lora_up and alpha for every adapted module
+    for module in modules:
+        name = "lora_unet_" + module.removeprefix("unet.").replace(".", "_")
+        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
+        assert torch.equal(down, diffusers_sd[f"{module}.lora.down.weight"])
+        assert torch.equal(up, diffusers_sd[f"{module}.lora.up.weight"])
+        assert float(kohya[f"{name}.alpha"]) == 8.0  # the trained alpha, not the rank
+
+
+def test_mlflow_run_has_params_metrics_and_artifacts(finished_run):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{finished_run.parent.parent / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["rank"] == "4" and run.data.params["method"] == "lora"
+    assert run.data.tags["style"] == "inky" and run.data.tags["method"] == "lora"
+    assert "train.loss" in run.data.metrics and run.data.metrics["cost.trainable_params"] > 0
+    client = mlflow.MlflowClient()
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "metrics.json", "logs.txt", "checkpoints", "inference", "thumbnails"} <= top
+    ckpt = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+    assert "checkpoints/pytorch_lora_weights.safetensors" in ckpt
+    assert not any("state-" in p for p in ckpt)  # resumable states stay in the run folder only
+
+
+def test_resume_gives_identical_adapter_bits(tiny_model, odd_style_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert main(tiny_train_args(odd_style_dir, tiny_model, straight, max_train_steps=6) + ["--no-tracking"]) == 0
+    expected = load_file(only_run(straight) / "checkpoints" / "pytorch_lora_weights.safetensors")
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first_state(self, step, path):
+        raise Killed(step)
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(train_module.MLflowHook, "on_checkpoint", die_after_first_state)
+    with pytest.raises(Killed):
+        main(tiny_train_args(odd_style_dir, tiny_model, interrupted, max_train_steps=6) + ["--no-tracking"])
+    monkeypatch.undo()
+    run_dir = only_run(interrupted)
+    assert not (run_dir / "checkpoints" / "pytorch_lora_weights.safetensors").exists()
+    assert main(tiny_train_args(odd_style_dir, tiny_model, interrupted, max_train_steps=6, run_dir=run_dir,
+                                resume_from_checkpoint="latest") + ["--no-tracking"]) == 0
+    resumed = load_file(run_dir / "checkpoints" / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(resumed[key], expected[key]), key
+
+
+def test_failed_run_is_marked_failed_with_its_log(tiny_model, odd_style_dir, tmp_path, tracking_store, monkeypatch):
+    import mlflow
+
+    def boom(self, info, components):
+        if info.step == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(train_module.MLflowHook, "on_step", boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(tiny_train_args(odd_style_dir, tiny_model, tmp_path / "runs"))
+    mlflow.set_tracking_uri(tracking_store)
+    (run,) = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    assert run.info.status == "FAILED"
+    assert "logs.txt" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+
+
+def test_nan_loss_stops_with_a_clear_error(tiny_model, odd_style_dir, tmp_path, capsys):
+    code = main(tiny_train_args(odd_style_dir, tiny_model, tmp_path, learning_rate=1e20, max_train_steps=8,
+                                lr_scheduler="constant", max_grad_norm=0, snr_gamma=0) + ["--no-tracking"])
+    err = capsys.readouterr().err
+    assert code == 2 and one_line_error(err, "lower --learning-rate")
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--style-dir", "/nonexistent/folder", "does not exist"),
+    ("--base-model", "/nonexistent/model", "not a diffusers model folder"),
+    ("--rank", "0", "--rank must be"),
+    ("--resolution", "30", "multiple of 8"),
+])
+def test_bad_input_gets_one_line(tiny_model, odd_style_dir, tmp_path, capsys, flag, value, fragment):
+    args = tiny_train_args(odd_style_dir, tiny_model, tmp_path) + ["--no-tracking", flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert one_line_error(err, fragment)
+
+
+def test_missing_hub_model_offline_is_one_sentence(odd_style_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = tiny_train_args(odd_style_dir, "some-org/not-downloaded-model", tmp_path) + ["--no-tracking"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert one_line_error(err, "some-org/not-downloaded-model") and "--base-model" in err
