@@ -1,8 +1,6 @@
 """Metrics against independent references (closed forms, hand-made embeddings, the libraries' own paths)."""
 from __future__ import annotations
 
-import sys
-import types
 import urllib.error
 from collections import namedtuple
 
@@ -220,29 +218,25 @@ def test_missing_lpips_trunk_names_the_option(monkeypatch, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-class FakeOracle:
-    """Stands in for research.toyworld.oracle.Oracle: fixed random class probabilities per image."""
-    classes = ORACLE_CLASSES
-
-    def predict_proba(self, images):
-        g = torch.Generator().manual_seed(len(images))
-        return {h: torch.softmax(torch.randn(len(images), len(c), generator=g), -1) for h, c in self.classes.items()}
-
-
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     return str(write_tiny_clip(tmp_path_factory.mktemp("clip"), width=32))
 
 
-def test_compute_metrics_end_to_end(tiny_clip, monkeypatch):
-    scenes = types.ModuleType("research.toyworld.scenes")
-    scenes.parse_caption = lambda p: Scene("cube", "red", "grass") if "cube" in p else None
-    monkeypatch.setitem(sys.modules, "research.toyworld.scenes", scenes)
-    prompts = [f"a red cube on grass" if i < 8 else "a blue ball in the sky" for i in range(12)]
+def test_compute_metrics_end_to_end(tiny_clip, tmp_path):
+    from research.toyworld.oracle import HEADS, Oracle
+    from research.toyworld.scenes import BACKGROUNDS, COLOURS, SHAPES
+    from research.toyworld.styles import STYLES
+
+    torch.manual_seed(0)  # an untrained oracle: the test checks plumbing, not accuracy
+    labels = dict(zip(HEADS, (STYLES, SHAPES, COLOURS, BACKGROUNDS)))
+    Oracle(labels, width=8).save_pretrained(tmp_path / "oracle")
+    prompts = ["a red circle on a green hill, pastel style" if i < 8 else "a cat photo" for i in range(12)]
     timings = {}
     result = compute_metrics(synthetic_images(12, 1), synthetic_images(12, 2), prompts, synthetic_images(6, 3),
-                             clip_model=tiny_clip, lpips_weights="random", oracle=FakeOracle(), target_style="pastel",
-                             feature_extractor="clip", progress=False, n_boot=200, set_n_boot=10, timings=timings)
+                             clip_model=tiny_clip, lpips_weights="random", oracle=str(tmp_path / "oracle"),
+                             target_style="pastel", feature_extractor="clip", progress=False, n_boot=200,
+                             set_n_boot=10, timings=timings)
     assert set(result) == {"adapter", "baseline"}
     for arm in result.values():
         assert set(arm) == set(METRICS)
@@ -251,9 +245,12 @@ def test_compute_metrics_end_to_end(tiny_clip, monkeypatch):
             assert m["ci95"][0] <= m["mean"] + 1e-9 or name == "fid", name  # bootstrapped FID is biased upward
         assert arm["clip_score"]["n"] == arm["style_similarity"]["n"] == arm["fid"]["n"] == 12
         assert arm["fid"]["unreliable"] is True and arm["fid"]["backbone"].startswith("clip:")
-        assert arm["lpips_diversity"]["n"] == 2 and arm["oracle_content_accuracy"]["n"] == 8
+        assert arm["lpips_diversity"]["n"] == 2 and arm["oracle_content_accuracy"]["n"] == 8  # "a cat photo" has no scene
         assert arm["inception_score"]["backbone"].startswith("oracle")
     assert "features:clip" in timings
+    with pytest.raises(ValueError, match="no class named 'ghibli'"):
+        compute_metrics(synthetic_images(2, 1), None, prompts[:2], [], metrics=["oracle_style_accuracy"],
+                        clip_model=tiny_clip, oracle=str(tmp_path / "oracle"), target_style="ghibli")
 
 
 def test_compute_metrics_rejects_unknown_names(tiny_clip):

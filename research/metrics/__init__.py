@@ -17,7 +17,7 @@ from .backbones import DEFAULT_CLIP, ClipBundle, MissingWeightsError, load_clip,
 from .distribution import fid, fid_report, inception_score, inception_score_report, kid_report
 from .diversity import lpips_diversity
 from .features import clip_image_features, clip_text_features, inception_features, pil_to_tensor
-from .oracle import joint_content_probs, oracle_content_accuracy, oracle_style_accuracy
+from .oracle import class_index, joint_content_probs, oracle_content_accuracy, oracle_style_accuracy
 from .stats import summarize
 
 METRICS = ("clip_score", "style_similarity", "fid", "kid", "inception_score", "lpips_diversity",
@@ -66,7 +66,7 @@ def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequ
     references: the style's held-out images. feature_extractor: "inception" (clean-fid) or "clip" (the CLIP
     image tower as clean-fid-style custom extractor) for FID/KID. oracle: path of a toy-world oracle (or a
     loaded one); oracle metrics run only when it is given, and IS then uses its class probabilities.
-    n_boot: bootstrap draws for per-image metrics; set_n_boot: for FID and IS, which cost a matrix root each.
+    n_boot: bootstrap draws for per-image metrics; set_n_boot: for FID and IS, recomputed on every draw.
     timings: if a dict is passed, it receives seconds per stage.
     """
     metrics = check_metric_names(metrics)
@@ -97,7 +97,10 @@ def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequ
         lpips_model, lpips_label = load_lpips(lpips_weights, device, seed) if "lpips_diversity" in metrics else (None, None)
         if isinstance(oracle, (str, bytes)) or hasattr(oracle, "__fspath__"):
             from research.toyworld.oracle import Oracle  # toy-world only; imported when asked for
-            oracle = Oracle.from_pretrained(oracle)
+            oracle = Oracle.from_pretrained(oracle).to(device)
+        labels = getattr(oracle, "labels", None)  # the oracle's class names per head
+        if "oracle_style_accuracy" in metrics:
+            class_index("style", target_style, labels)  # an unknown style fails now, before any work
 
     # ------------------------------------------------------------------ features, once per image set
     sets = dict(arms, references=list(references))
@@ -143,10 +146,10 @@ def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequ
                 elif m == "lpips_diversity":
                     out[m] = _lpips_diversity(images, prompts, lpips_model, lpips_label, n_boot, seed)
                 elif m == "oracle_style_accuracy":
-                    out[m] = dict(summarize(oracle_style_accuracy(f["oracle"], target_style, getattr(oracle, "classes", None)),
+                    out[m] = dict(summarize(oracle_style_accuracy(f["oracle"], target_style, labels),
                                             n_boot, seed), backbone="oracle")
                 elif m == "oracle_content_accuracy":
-                    out[m] = _oracle_content(f["oracle"], prompts, getattr(oracle, "classes", None), n_boot, seed)
+                    out[m] = _oracle_content(f["oracle"], prompts, labels, n_boot, seed)
         results[arm] = out
     return results
 
