@@ -83,7 +83,7 @@ class TrainConfig:
     validation_steps: int = 0  # log validation images to MLflow every N steps; 0 = only at the end
     sample_batch_size: int = 8  # images per pipeline call
     # ── evaluation ────────────────────────────────────────────────────────────────────────────
-    metrics: str = "clip_score"  # comma-separated metric names computed at the end of training; "none" = skip
+    metrics: str = "clip_score,style_similarity,fid,kid,inception_score,lpips_diversity"  # computed at the end of training; "none" = skip
     clip_model: str = "openai/clip-vit-base-patch32"  # CLIP for clip_score/style_similarity: hub id or folder
     feature_extractor: str = "inception"  # FID/KID features: inception (real) | clip (CLIP image tower)
     inception_weights: str = ""  # local Inception weights for FID/KID/IS when offline

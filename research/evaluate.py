@@ -2,14 +2,24 @@
 
     python -m research.evaluate --run-dir runs/exp1/<run> --num-images 256 --metrics clip_score,fid,kid
 
-Training calls the same code at its end, so every run's metrics.json has both arms.
+It regenerates ``inference/`` (adapter) and ``inference/baseline/`` with the requested number of
+images per arm, recomputes the metrics, rewrites ``metrics.json`` (keeping the training cost) and
+logs the numbers to the run's MLflow run. Training calls the same code at its end, so every run's
+metrics.json has both arms.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import sys
+from pathlib import Path
 
 log = logging.getLogger("research")
+
+EVAL_FLAGS = ["num_eval_images", "metrics", "clip_model", "feature_extractor", "inception_weights", "lpips_weights",
+              "oracle", "num_inference_steps", "guidance_scale", "sampler", "device"]
 
 
 def metric_names(cfg) -> list[str]:
@@ -18,15 +28,112 @@ def metric_names(cfg) -> list[str]:
 
 
 def evaluate_samples(cfg, samples: dict, references: list, device) -> dict:
-    """{"adapter": {...}, "baseline": {...}} for the images sample_run produced."""
+    """{"adapter": {...}, "baseline": {...}} for the images sample_run produced.
+
+    A missing metric backbone does not throw away a trained adapter: the error goes into the
+    result (and the log) as one sentence with its fix.
+    """
     names = metric_names(cfg)
     if not names:
         return {}
-    from research.metrics import compute_metrics
+    from research.metrics import MissingWeightsError, compute_metrics
 
     prompts = [job.prompt for job in samples["jobs"]]
-    return compute_metrics(samples["adapter"], samples["baseline"], prompts, references, metrics=names,
-                           clip_model=cfg.clip_model, inception_weights=cfg.inception_weights or None,
-                           lpips_weights=cfg.lpips_weights or None, oracle=cfg.oracle or None,
-                           target_style=cfg.resolved_style_name(), feature_extractor=cfg.feature_extractor,
-                           device=str(device), seed=cfg.seed)
+    try:
+        return compute_metrics(samples["adapter"], samples["baseline"], prompts, references, metrics=names,
+                               clip_model=cfg.clip_model, inception_weights=cfg.inception_weights or None,
+                               lpips_weights=cfg.lpips_weights or None, oracle=cfg.oracle or None,
+                               target_style=cfg.resolved_style_name(), feature_extractor=cfg.feature_extractor,
+                               device=str(device), seed=cfg.seed)
+    except (MissingWeightsError, ValueError) as err:
+        log.error("evaluation skipped: %s", err)
+        return {"evaluation_error": str(err)}
+
+
+def format_table(metrics: dict) -> str:
+    """A short adapter-vs-baseline table for the console."""
+    rows = [f"{'metric':<26}{'baseline':>20}{'adapter':>20}{'n':>6}"]
+    for name, value in metrics.get("adapter", {}).items():
+        base = metrics.get("baseline", {}).get(name, {})
+
+        def cell(v):
+            if not v or v.get("mean") is None:
+                return "-"
+            lo, hi = v.get("ci95", [None, None])
+            ci = f" [{lo:.2f},{hi:.2f}]" if lo is not None and lo == lo else ""
+            return f"{v['mean']:.3f}{ci}"
+
+        rows.append(f"{name:<26}{cell(base):>20}{cell(value):>20}{value.get('n', ''):>6}")
+    cost = metrics.get("cost", {})
+    if cost:
+        rows.append(f"cost: {cost.get('train_seconds', 0):.1f} s training, {cost.get('steps_per_second', 0):.2f} steps/s, "
+                    f"{cost.get('trainable_params', 0):,} trainable params, {cost.get('artifact_bytes', 0) / 1e6:.2f} MB")
+    if "evaluation_error" in metrics:
+        rows.append(f"evaluation skipped: {metrics['evaluation_error']}")
+    return "\n".join(rows)
+
+
+def _mlflow_run_for(run_dir: Path):
+    import mlflow
+
+    from research.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    found = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.run_dir = '{run_dir}'",
+                               output_format="list")
+    return found[0].info.run_id if found else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from research.config import ConfigError, TrainConfig, add_config_arguments
+    from research.data import DataError, load_style_folder
+    from research.methods import get_method
+    from research.models import ModelNotFoundError, load_pipeline, pick_device, pick_precision, weight_dtype
+    from research.sample import sample_run
+    from research.tracking import flatten_metrics, setup_logging, write_metrics
+
+    parser = argparse.ArgumentParser(prog="python -m research.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", "--run_dir", required=True, help="run folder with checkpoints/ and config.json")
+    add_config_arguments(parser, names=EVAL_FLAGS)
+    parser.add_argument("--num-images", dest="num_eval_images", type=int, default=TrainConfig.num_eval_images,
+                        help="alias of --num-eval-images: images per arm")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").is_file():
+        parser.error(f"{run_dir} is not a run folder (no config.json); pass a folder under runs/.")
+    setup_logging(run_dir / "logs.txt")
+    try:
+        cfg = TrainConfig.from_json_file(run_dir / "config.json")
+        for name in EVAL_FLAGS:
+            if getattr(args, name) != getattr(TrainConfig, name):
+                setattr(cfg, name, getattr(args, name))
+        cfg.validate()
+        data = load_style_folder(cfg.style_dir, style_name=cfg.style_name, resolution=cfg.resolution,
+                                 caption_template=cfg.caption_template, trigger_word=cfg.trigger_word,
+                                 holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
+                                 validation_prompts_file=cfg.validation_prompts_file)
+        device = pick_device(cfg.device)
+        pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
+    except (ConfigError, DataError, ModelNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    samples = sample_run(run_dir, cfg, get_method(cfg), prompts=data.validation_prompts, base_pipe=pipe)
+    old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "cost": old.get("cost", {})}
+    metrics.update(evaluate_samples(cfg, samples, [e.image for e in data.heldout], device))
+    write_metrics(run_dir, metrics)
+    run_id = _mlflow_run_for(run_dir)
+    if run_id:
+        import mlflow
+
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
+            mlflow.log_artifact(str(run_dir / "metrics.json"))
+    print(format_table(metrics))
+    print(f"\nmetrics: {run_dir / 'metrics.json'}" + (f"  (MLflow run {run_id})" if run_id else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,6 +12,7 @@ through hooks (on_step, on_checkpoint, on_end).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import resource
@@ -425,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"\nDone. Run folder: {run_dir}\n  metrics: {run_dir / 'metrics.json'}\n  browse:  make ui")
+    from research.evaluate import format_table
+
+    print("\n" + format_table(json.loads((run_dir / "metrics.json").read_text())))
+    print(f"\nDone. Run folder: {run_dir}\n  strips:  {run_dir / 'thumbnails'}\n  metrics: {run_dir / 'metrics.json'}"
+          f"\n  browse:  make ui  (MLflow on http://127.0.0.1:5000)")
     return 0
 
 

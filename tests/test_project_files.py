@@ -27,7 +27,7 @@ def cli_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def entry_parsers() -> dict[str, argparse.ArgumentParser]:
-    from research import sample
+    from research import evaluate, sample
 
     captured = {}
 
@@ -42,15 +42,20 @@ def entry_parsers() -> dict[str, argparse.ArgumentParser]:
     original = argparse.ArgumentParser.parse_args
     argparse.ArgumentParser.parse_args = grab
     try:
-        with pytest.raises(Capture):
-            sample.main([])
+        for name, module in [("sample", sample), ("evaluate", evaluate)]:
+            with pytest.raises(Capture):
+                module.main([])
+            parsers[name] = captured["parser"]
     finally:
         argparse.ArgumentParser.parse_args = original
-    parsers["sample"] = captured["parser"]
     return parsers
 
 
-@pytest.mark.parametrize("entry", ["train", "sample"])
+def test_every_entry_point_is_tested():
+    assert set(MLPROJECT["entry_points"]) == {"train", "sample", "evaluate", "quickstart"}
+
+
+@pytest.mark.parametrize("entry", ["train", "sample", "evaluate"])
 def test_every_mlproject_parameter_is_a_cli_flag_with_the_same_default(entry):
     spec = MLPROJECT["entry_points"][entry]
     options = cli_options(entry_parsers()[entry])
