@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 TOY_CLIP = Path(__file__).parent / "toyworld" / "weights" / "clip"
+TOY_ORACLE = Path(__file__).parent / "toyworld" / "weights" / "oracle"
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789,.'-"  # the tiny tokenizer's alphabet
 
 
@@ -66,19 +67,21 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         clip = args.clip_model or (TOY_CLIP if TOY_CLIP.exists() else write_tiny_clip(Path(tmp) / "clip"))
-        prompts = [f"a red cube on grass {i // args.seeds_per_prompt}" for i in range(args.num_images)]
-        # IS without an oracle needs Inception, which has no offline weights: time the rest
-        metrics = [m for m in METRICS if m not in ("inception_score", "oracle_style_accuracy", "oracle_content_accuracy")]
+        prompts = [f"a red circle on a green hill, variant {i // args.seeds_per_prompt}" for i in range(args.num_images)]
+        oracle = str(TOY_ORACLE) if TOY_ORACLE.exists() else None
+        # without the oracle, IS needs Inception, which has no offline weights: time the rest
+        metrics = METRICS if oracle else [m for m in METRICS if m != "inception_score"]
         timings: dict = {}
         start = time.perf_counter()
         result = compute_metrics(synthetic_images(args.num_images, 1), synthetic_images(args.num_images, 2), prompts,
                                  synthetic_images(args.num_references, 3), metrics=metrics, clip_model=str(clip),
-                                 lpips_weights="random", feature_extractor="clip", progress=False, timings=timings)
+                                 lpips_weights="random", oracle=oracle, target_style="pastel",
+                                 feature_extractor="clip", progress=False, timings=timings)
         total = time.perf_counter() - start
-    print(f"CLIP: {clip}  images per arm: {args.num_images}  references: {args.num_references}  threads: {args.threads}")
+    print(f"CLIP: {clip}  oracle: {oracle}  images per arm: {args.num_images}  references: {args.num_references}  threads: {args.threads}")
     for stage, seconds in timings.items():
-        print(f"  {stage:<22} {seconds:7.2f} s")
-    print(f"  {'total':<22} {total:7.2f} s")
+        print(f"  {stage:<24} {seconds:7.2f} s")
+    print(f"  {"total":<24} {total:7.2f} s")
     print("adapter:", {m: round(v["mean"], 4) for m, v in result["adapter"].items()})
 
 
