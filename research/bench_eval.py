@@ -81,7 +81,7 @@ def main() -> None:
     print(f"CLIP: {clip}  oracle: {oracle}  images per arm: {args.num_images}  references: {args.num_references}  threads: {args.threads}")
     for stage, seconds in timings.items():
         print(f"  {stage:<24} {seconds:7.2f} s")
-    print(f"  {"total":<24} {total:7.2f} s")
+    print(f"  {'total':<24} {total:7.2f} s")
     print("adapter:", {m: round(v["mean"], 4) for m, v in result["adapter"].items()})
 
 
