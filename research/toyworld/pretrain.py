@@ -1,0 +1,429 @@
+"""Pretrain the toy world from scratch: tiny CLIP, then VAE, then UNet (plain scenes only), then oracle.
+
+    python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle]
+
+Every stage draws its data from fixed seeds, so a rerun on the same device repeats the result
+(bit-for-bit on CPU; CUDA kernels may differ in the last digits). Stages that are not rerun are
+loaded from `--out`. Each output folder is written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from research.toyworld.oracle import HEADS, Oracle
+from research.toyworld.scenes import ALL_SCENES, BACKGROUNDS, COLOURS, SHAPES, TRAIN_SCENES, caption, render
+from research.toyworld.styles import STYLES
+from research.toyworld.tokenizer import build_tokenizer
+
+STAGES = ("clip", "vae", "unet", "oracle")
+CLIP_MEAN = (0.5, 0.5, 0.5)  # CLIP sees [-1, 1]: toy images span the full range, so no dataset-specific
+CLIP_STD = (0.5, 0.5, 0.5)  # statistics are needed and the processor config stays obvious
+
+
+@dataclass
+class Recipe:
+    """Every step count and data size; `--scale` shrinks them all together for smoke runs."""
+
+    clip_images: int = 24_000  # 6k per style
+    clip_steps: int = 2_000
+    clip_batch: int = 512  # large batches make the contrastive task hard enough to learn fine words
+    clip_lr: float = 1e-3
+    vae_images: int = 24_000
+    vae_steps: int = 3_000
+    vae_batch: int = 128
+    vae_lr: float = 5e-4
+    vae_kl_weight: float = 1e-6  # SD's VAE uses a tiny KL term: latents stay near-deterministic but bounded
+    unet_images: int = 40_000  # plain only: ~300 layouts per training triple
+    unet_steps: int = 8_000
+    unet_batch: int = 256
+    unet_lr: float = 5e-4
+    unet_ema: float = 0.9995  # sampling quality of tiny diffusion models depends a lot on EMA weights
+    caption_dropout: float = 0.1  # empty caption this often, so classifier-free guidance works
+    oracle_images: int = 24_000
+    oracle_steps: int = 3_000
+    oracle_batch: int = 256
+    oracle_lr: float = 2e-3
+    oracle_recon_fraction: float = 0.5  # half of the oracle's inputs went through the VAE, as generated images do
+
+    def scaled(self, scale: float) -> "Recipe":
+        out = Recipe()
+        for name, value in vars(self).items():
+            if isinstance(value, int) and not name.endswith("batch"):
+                setattr(out, name, max(8, int(value * scale)))
+        return out
+
+
+# ----------------------------------------------------------------------------- data
+def _render_chunk(items: list[tuple[int, str, int]]) -> np.ndarray:
+    return np.stack([np.asarray(render(ALL_SCENES[i], style, seed)) for i, style, seed in items])
+
+
+def render_set(n: int, styles: tuple[str, ...], stage_seed: int, workers: int) -> dict[str, np.ndarray]:
+    """n renders of training scenes, styles balanced; labels index SHAPES/COLOURS/BACKGROUNDS/STYLES."""
+    rng = np.random.default_rng(stage_seed)
+    train_index = [ALL_SCENES.index(s) for s in TRAIN_SCENES]
+    scene_idx = np.array(train_index)[rng.integers(len(train_index), size=n)]
+    style_names = [styles[i % len(styles)] for i in range(n)]
+    # Stage seeds are spaced 10^7 apart, so no two stages (or the tests, which use ≥ 9·10^8) share a layout.
+    items = [(int(s), st, stage_seed * 10**7 + i) for i, (s, st) in enumerate(zip(scene_idx, style_names))]
+    chunks = [items[i : i + 500] for i in range(0, n, 500)]
+    with ProcessPoolExecutor(workers) as pool:
+        images = np.concatenate(list(tqdm(pool.map(_render_chunk, chunks), total=len(chunks), desc=f"render {n}", leave=False)))
+    scenes = [ALL_SCENES[i] for i in scene_idx]
+    return {
+        "images": images,  # N×64×64×3 uint8
+        "scene": scene_idx,
+        "style": np.array([STYLES.index(s) for s in style_names]),
+        "shape": np.array([SHAPES.index(s.shape) for s in scenes]),
+        "colour": np.array([COLOURS.index(s.colour) for s in scenes]),
+        "background": np.array([BACKGROUNDS.index(s.background) for s in scenes]),
+    }
+
+
+def to_unit(images: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div_(255)
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def autocast(device: torch.device):
+    # bf16 matmuls/convs on GPU (weights and optimizer stay fp32); CPU bf16 is slower, so fp32 there.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def atomic_save(target: Path, save_fn) -> None:
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_fn(tmp)
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- CLIP
+def train_clip(recipe: Recipe, tokenizer, device, workers: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(1)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(image_size=64, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
+        projection_dim=128,
+    )  # fmt: skip
+    model = CLIPModel(config).to(device)
+    data = render_set(recipe.clip_images, STYLES, stage_seed=1, workers=workers)
+    pixels = torch.from_numpy(data["images"]).to(device)  # uint8 on device; normalised per batch
+    # Caption table: per scene, one caption per style plus the content-only caption (column 4).
+    texts = [caption(s) + f", {st} style" for s in ALL_SCENES for st in STYLES] + [caption(s) for s in ALL_SCENES]
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+    scene_t, style_t = torch.from_numpy(data["scene"]).to(device), torch.from_numpy(data["style"]).to(device)
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.1)
+    gen = torch.Generator(device).manual_seed(1)
+    for step in (bar := tqdm(range(recipe.clip_steps), desc="clip", mininterval=10)):
+        for g in opt.param_groups:
+            g["lr"] = recipe.clip_lr * cosine_lr(step, recipe.clip_steps, 200)
+        idx = torch.randint(len(pixels), (recipe.clip_batch,), device=device, generator=gen)
+        # A quarter of captions leave the style out, so content-only prompts still match their images.
+        named = torch.rand(recipe.clip_batch, device=device, generator=gen) < 0.75
+        cap = torch.where(named, scene_t[idx] * 4 + style_t[idx], 4 * len(ALL_SCENES) + scene_t[idx])
+        x = (pixels[idx].permute(0, 3, 1, 2).float() / 255 - mean) / std
+        logits = model(input_ids=ids[cap], pixel_values=x).logits_per_image
+        # Several images in a batch share a caption: all of them are positives, not just the diagonal.
+        same = (cap[:, None] == cap[None, :]) | ((scene_t[idx][:, None] == scene_t[idx][None, :]) & ~named[None, :] & ~named[:, None])
+        target = same.float() / same.float().sum(1, keepdim=True)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target.t() / target.t().sum(1, keepdim=True))) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+def save_clip(model, tokenizer, path: Path) -> None:
+    from transformers import CLIPImageProcessor
+
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD)
+    ).save_pretrained(path)
+
+
+def text_encoder_from_clip(clip):
+    from transformers import CLIPTextModel
+
+    text = CLIPTextModel(clip.config.text_config)
+    # transformers 5 flattened CLIPTextModel; older versions wrap the same transformer in `.text_model`.
+    getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())
+    return text.eval()
+
+
+# ----------------------------------------------------------------------------- VAE
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )  # fmt: skip
+
+
+def train_vae(recipe: Recipe, device, workers: int):
+    torch.manual_seed(2)
+    vae = make_vae().to(device)
+    data = render_set(recipe.vae_images, STYLES, stage_seed=2, workers=workers)
+    pixels = torch.from_numpy(data["images"]).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    gen = torch.Generator(device).manual_seed(2)
+    for step in (bar := tqdm(range(recipe.vae_steps), desc="vae", mininterval=10)):
+        for g in opt.param_groups:
+            g["lr"] = recipe.vae_lr * cosine_lr(step, recipe.vae_steps, 200)
+        idx = torch.randint(len(pixels), (recipe.vae_batch,), device=device, generator=gen)
+        x = pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
+        with autocast(device):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=gen)).sample.float()
+        # L1 keeps edges, outlines and halftone dots sharper than MSE alone would.
+        loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + recipe.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():  # SD convention: scale latents to unit variance for the UNet
+        x = pixels[:2048].permute(0, 3, 1, 2).float() / 127.5 - 1
+        std = torch.cat([vae.encode(b).latent_dist.sample(generator=gen) for b in x.split(256)]).std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    return vae
+
+
+# ----------------------------------------------------------------------------- UNet
+def make_unet(cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
+        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=4,
+    )  # fmt: skip
+
+
+def make_scheduler():
+    from diffusers import DDPMScheduler
+
+    # SD 1.x's noise schedule and ε-prediction: the toy model trains and samples like the real one.
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def encode_text(text_encoder, tokenizer, texts: list[str], device) -> torch.Tensor:
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return text_encoder.to(device)(ids.to(device))[0]
+
+
+def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: int):
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(3)
+    unet = make_unet(text_encoder.config.hidden_size).to(device)
+    scheduler = make_scheduler()
+    data = render_set(recipe.unet_images, ("plain",), stage_seed=3, workers=workers)
+    # Neither the VAE nor the text encoder trains here: encode everything once.
+    vae = vae.to(device)
+    with torch.no_grad():
+        moments = torch.cat([vae.encode(b * 2 - 1).latent_dist.parameters for b in to_unit(data["images"], device).split(512)])
+    sf = vae.config.scaling_factor
+    embeds = encode_text(text_encoder, tokenizer, [caption(s) for s in ALL_SCENES] + [""], device)
+    empty = len(ALL_SCENES)
+    scene_t = torch.from_numpy(data["scene"]).to(device)
+    alphas = scheduler.alphas_cumprod.to(device)
+    ema = EMAModel(unet.parameters(), decay=recipe.unet_ema)
+    opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
+    gen = torch.Generator(device).manual_seed(3)
+    for step in (bar := tqdm(range(recipe.unet_steps), desc="unet", mininterval=10)):
+        for g in opt.param_groups:
+            g["lr"] = recipe.unet_lr * cosine_lr(step, recipe.unet_steps, 500)
+        idx = torch.randint(len(moments), (recipe.unet_batch,), device=device, generator=gen)
+        mean, logvar = moments[idx].chunk(2, dim=1)
+        latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, device=device, generator=gen)) * sf
+        drop = torch.rand(recipe.unet_batch, device=device, generator=gen) < recipe.caption_dropout
+        cond = embeds[torch.where(drop, empty, scene_t[idx])]
+        noise = torch.randn(latents.shape, device=device, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.unet_batch,), device=device, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, without a host round-trip
+        with autocast(device):
+            pred = unet(noisy, t, cond).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema.step(unet.parameters())
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    ema.copy_to(unet.parameters())
+    return unet.eval(), scheduler
+
+
+def save_sd(vae, text_encoder, tokenizer, unet, scheduler, path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(path, safe_serialization=True)
+
+
+# ----------------------------------------------------------------------------- oracle
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Shifts, flips, blur, noise and mild brightness/contrast: never hue, which is a label."""
+    n, device = len(x), x.device
+    pad = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dx, dy = torch.randint(0, 9, (2,), generator=gen, device=device).tolist()
+    x = pad[:, :, dy : dy + 64, dx : dx + 64]
+    flip = torch.rand(n, 1, 1, 1, device=device, generator=gen) < 0.5
+    x = torch.where(flip, x.flip(-1), x)
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(n, 1, 1, 1, device=device, generator=gen) * 0.6
+    x = (1 - mix) * x + mix * blurred
+    gain = 1 + 0.15 * (torch.rand(n, 1, 1, 1, device=device, generator=gen) - 0.5)
+    bias = 0.06 * (torch.rand(n, 1, 1, 1, device=device, generator=gen) - 0.5)
+    sigma = 0.03 * torch.rand(n, 1, 1, 1, device=device, generator=gen)
+    return (x * gain + bias + sigma * torch.randn(x.shape, device=device, generator=gen)).clamp(0, 1)
+
+
+def train_oracle(recipe: Recipe, vae, device, workers: int) -> Oracle:
+    torch.manual_seed(4)
+    labels = {"style": list(STYLES), "shape": list(SHAPES), "colour": list(COLOURS), "background": list(BACKGROUNDS)}
+    oracle = Oracle(labels, width=24).to(device)
+    data = render_set(recipe.oracle_images, STYLES, stage_seed=4, workers=workers)
+    pixels = to_unit(data["images"], device)
+    # The oracle will judge decoded images, so it learns on VAE reconstructions too.
+    n_recon = int(len(pixels) * recipe.oracle_recon_fraction)
+    vae = vae.to(device)
+    with torch.no_grad():
+        pixels[:n_recon] = torch.cat(
+            [((vae.decode(vae.encode(b * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1) for b in pixels[:n_recon].split(256)]
+        )
+    targets = {h: torch.from_numpy(data[h]).to(device) for h in HEADS}
+    opt = torch.optim.AdamW(oracle.parameters(), lr=recipe.oracle_lr, weight_decay=1e-4)
+    gen = torch.Generator(device).manual_seed(4)
+    oracle.train()
+    for step in (bar := tqdm(range(recipe.oracle_steps), desc="oracle", mininterval=10)):
+        for g in opt.param_groups:
+            g["lr"] = recipe.oracle_lr * cosine_lr(step, recipe.oracle_steps, 100)
+        idx = torch.randint(len(pixels), (recipe.oracle_batch,), device=device, generator=gen)
+        logits = oracle(_augment(pixels[idx], gen))
+        loss = sum(F.cross_entropy(logits[h], targets[h][idx]) for h in HEADS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return oracle.eval()
+
+
+def oracle_accuracy(oracle: Oracle, n_per_style: int = 150, seed: int = 900_000_000) -> dict[str, float]:
+    """Accuracy per head on fresh renders of every scene (held-out ones included), seeds unseen in training."""
+    items = [(ALL_SCENES[i % len(ALL_SCENES)], st, seed + k * n_per_style + i) for k, st in enumerate(STYLES) for i in range(n_per_style)]
+    images = [render(s, st, sd) for s, st, sd in items]
+    pred = oracle.predict(images)
+    truth = {"style": [st for _, st, _ in items], "shape": [s.shape for s, _, _ in items],
+             "colour": [s.colour for s, _, _ in items], "background": [s.background for s, _, _ in items]}  # fmt: skip
+    return {h: float(np.mean([p == t for p, t in zip(pred[h], truth[h])])) for h in HEADS}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights", help="weights folder (clip/, sd/, oracle/)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--only", default=",".join(STAGES), help="comma-separated stages to (re)train; others load from --out")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count and data size (smoke runs only)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that render training images")
+    args = parser.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    if unknown := set(only) - set(STAGES):
+        parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {','.join(STAGES)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but no GPU is visible; use --device cpu")
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPModel
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    recipe = Recipe().scaled(args.scale)
+    device = torch.device(args.device)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    times = {}
+
+    t0 = time.time()
+    if "clip" in only:
+        clip = train_clip(recipe, tokenizer, device, args.workers).cpu()
+        atomic_save(out / "clip", lambda p: save_clip(clip, tokenizer, p))
+        times["clip"] = time.time() - t0
+    else:
+        clip = CLIPModel.from_pretrained(out / "clip")
+    text_encoder = text_encoder_from_clip(clip)
+
+    t0 = time.time()
+    if "vae" in only:
+        vae = train_vae(recipe, device, args.workers).cpu()
+        atomic_save(out / "sd" / "vae", vae.save_pretrained)  # kept on its own too, should a later stage fail
+        times["vae"] = time.time() - t0
+    else:
+        vae = AutoencoderKL.from_pretrained(out / "sd", subfolder="vae")
+
+    t0 = time.time()
+    if "unet" in only:
+        unet, scheduler = train_unet(recipe, vae, text_encoder, tokenizer, device, args.workers)
+        times["unet"] = time.time() - t0
+    else:
+        unet, scheduler = UNet2DConditionModel.from_pretrained(out / "sd", subfolder="unet"), make_scheduler()
+    if {"clip", "vae", "unet"} & set(only):
+        atomic_save(out / "sd", lambda p: save_sd(vae, text_encoder, tokenizer, unet, scheduler, p))
+
+    t0 = time.time()
+    if "oracle" in only:
+        oracle = train_oracle(recipe, vae, device, args.workers).cpu()
+        atomic_save(out / "oracle", oracle.save_pretrained)
+        times["oracle"] = time.time() - t0
+        print("oracle accuracy on fresh renders:", oracle_accuracy(oracle))
+    print("stage seconds:", {k: round(v, 1) for k, v in times.items()})
+
+
+if __name__ == "__main__":
+    main()
