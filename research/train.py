@@ -161,6 +161,8 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
         c.vae.to("cpu")  # nothing left for it to encode during training
     if text_cache is not None and device.type == "cuda":
         c.text_encoder.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # report the training loop's peak, not the caching pass
 
     # ─── optimizer, schedule, accelerate ─────────────────────────────────────────────────────
     if cfg.use_8bit_adam:
@@ -224,7 +226,7 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     unet.train()
     progress = tqdm(range(start_step, cfg.max_train_steps), initial=start_step, total=cfg.max_train_steps,
                     desc=f"train {method.name}", unit="step", disable=not accelerator.is_local_main_process)
-    t0 = time.perf_counter()
+    t0 = t_first = time.perf_counter()
     for step in progress:
         for micro in range(accum):
             k = step * accum + micro
@@ -272,6 +274,8 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
             running_count += 1
         lr_scheduler.step()
         done = step + 1
+        if done == start_step + 1:
+            t_first = time.perf_counter()  # steady-state speed excludes the first step's warm-up
         info = StepInfo(done)
         if done % cfg.log_every == 0 or done == cfg.max_train_steps:
             info.loss = (running_loss / running_count).item()  # the only host sync, every log_every steps
@@ -289,7 +293,8 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
             if not all(torch.isfinite(p).all() for g_ in param_groups for p in g_["params"]):
                 raise TrainingError(f"Weights became NaN/inf by step {done}; lower --learning-rate.")
             save_state(done)
-    train_seconds = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    train_seconds = t_end - t0
     progress.close()
 
     # ─── save ────────────────────────────────────────────────────────────────────────────────
@@ -299,7 +304,8 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
         artifacts = method.save(c, checkpoints, config_metadata(cfg))
         log.info("saved %s", ", ".join(str(p) for p in artifacts))
     steps_run = cfg.max_train_steps - start_step
-    cost = {"train_seconds": train_seconds, "steps_per_second": steps_run / train_seconds if train_seconds else 0.0,
+    steady = (steps_run - 1) / (t_end - t_first) if steps_run > 1 else steps_run / train_seconds
+    cost = {"train_seconds": train_seconds, "steps_per_second": steady,
             "peak_memory_mb": peak_memory_mb(device), "trainable_params": n_trainable,
             "artifact_bytes": sum(p.stat().st_size for p in artifacts)}
     unet.eval()

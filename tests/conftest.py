@@ -6,8 +6,8 @@ the same code a user runs.
 
 from __future__ import annotations
 
-import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,57 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+from research.random_models import build_random_pipeline, write_char_tokenizer  # noqa: F401 (shared with tests)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
-os.environ.setdefault("MLFLOW_TRACKING_URI", "")  # each test picks its own store below
-
-SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
-
-
-def write_char_tokenizer(folder: Path, max_length: int = 32):
-    """A character-level CLIPTokenizer: every letter is a token, no merges."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789,.-'")
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars + [f"{c}</w>" for c in chars])}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
-                        bos_token=SPECIALS[0], eos_token=SPECIALS[1], pad_token=SPECIALS[1], unk_token=SPECIALS[1])
-    tok.save_pretrained(folder)
-    return tok
-
-
-def build_tiny_pipeline(folder: Path, seed: int = 0):
-    """SD 1.x architecture at toy size: the same classes, a few thousand parameters each."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = write_char_tokenizer(folder / "_tok")
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                                num_attention_heads=4, num_hidden_layers=2,
-                                                max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
-                                                pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8, sample_size=32)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder / "model", safe_serialization=True)
-    return folder / "model"
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"  # never the repo store
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
+    return build_random_pipeline(tmp_path_factory.mktemp("tiny_sd"), "tiny")
 
 
 def _pattern(i: int, size: int = 48) -> np.ndarray:
