@@ -18,32 +18,7 @@ from PIL import Image
 
 TOY_CLIP = Path(__file__).parent / "toyworld" / "weights" / "clip"
 TOY_ORACLE = Path(__file__).parent / "toyworld" / "weights" / "oracle"
-CHARS = "abcdefghijklmnopqrstuvwxyz0123456789,.'-"  # the tiny tokenizer's alphabet
-
-
-def write_tiny_clip(folder: str | Path, seed: int = 0, width: int = 32, image_size: int = 64) -> Path:
-    """A random tiny CLIPModel folder with a char-level CLIPTokenizer and an image processor at `image_size`."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in list(CHARS) + [c + "</w>" for c in CHARS]:
-        vocab.setdefault(token, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")  # no merges: one token per character
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    layers = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0,
-                                         eos_token_id=1, pad_token_id=1, **layers),
-                        vision_config=dict(image_size=image_size, patch_size=8, **layers), projection_dim=width)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
-    return folder
+from research.random_models import write_tiny_clip  # noqa: F401 (re-exported for tests)
 
 
 def synthetic_images(n: int, seed: int, size: int = 64) -> list[Image.Image]:

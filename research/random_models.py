@@ -74,3 +74,23 @@ def build_random_pipeline(folder: Path, size: str = "tiny", seed: int = 0) -> Pa
     out = Path(folder) / "model"
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def write_tiny_clip(folder: str | Path, seed: int = 0, width: int = 32, image_size: int = 64) -> Path:
+    """A random tiny CLIPModel folder with a char-level CLIPTokenizer and an image processor at `image_size`."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(folder)
+    tokenizer = write_char_tokenizer(folder, max_length=77)
+    vocab = tokenizer.get_vocab()
+    layers = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=2)
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1, **layers),
+                        vision_config=dict(image_size=image_size, patch_size=8, **layers), projection_dim=width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
+    return folder

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import tiny_train_args
+from research.random_models import write_tiny_clip
 from research import train as train_module
 from research.train import main
 
@@ -32,12 +33,22 @@ def only_run(out: Path) -> Path:
     return runs[0]
 
 
+EVAL_METRICS = "clip_score,style_similarity,fid,kid,lpips_diversity"
+
+
 @pytest.fixture(scope="module")
-def finished_run(tiny_model, odd_style_dir, tmp_path_factory) -> Path:
-    """One tracked run through the real CLI in a subprocess, shared by the checks below."""
+def tiny_clip(tmp_path_factory) -> Path:
+    return write_tiny_clip(tmp_path_factory.mktemp("clip") / "clip", image_size=32)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model, odd_style_dir, tiny_clip, tmp_path_factory) -> Path:
+    """One tracked, evaluated run through the real CLI in a subprocess, shared by the checks below."""
     out = tmp_path_factory.mktemp("runs")
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{out / 'mlflow.db'}", HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "research.train", *tiny_train_args(odd_style_dir, tiny_model, out)],
+    args = tiny_train_args(odd_style_dir, tiny_model, out, metrics=EVAL_METRICS, clip_model=tiny_clip,
+                           feature_extractor="clip", lpips_weights="random")
+    proc = subprocess.run([sys.executable, "-m", "research.train", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return only_run(out)
@@ -51,6 +62,12 @@ def test_run_folder_layout(finished_run, odd_style_dir):
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["n_images"] == 4
     assert set(metrics) >= {"n_images", "adapter", "baseline", "cost"}
+    for arm in ["adapter", "baseline"]:
+        assert set(metrics[arm]) == set(EVAL_METRICS.split(",")), arm
+        for value in metrics[arm].values():
+            assert {"mean", "ci95", "n"} <= set(value)
+        assert metrics[arm]["clip_score"]["n"] == 4
+    assert metrics["adapter"]["style_similarity"]["mean"] != metrics["baseline"]["style_similarity"]["mean"]
     cost = metrics["cost"]
     assert cost["trainable_params"] > 0 and cost["artifact_bytes"] > 0 and cost["steps_per_second"] > 0
     assert len(list((finished_run / "inference").glob("*.png"))) == 4
@@ -116,6 +133,7 @@ def test_mlflow_run_has_params_metrics_and_artifacts(finished_run):
     assert run.data.params["rank"] == "4" and run.data.params["method"] == "lora"
     assert run.data.tags["style"] == "inky" and run.data.tags["method"] == "lora"
     assert "train.loss" in run.data.metrics and run.data.metrics["cost.trainable_params"] > 0
+    assert {"adapter.clip_score", "baseline.clip_score", "adapter.fid", "baseline.kid"} <= set(run.data.metrics)
     client = mlflow.MlflowClient()
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "metrics.json", "logs.txt", "checkpoints", "inference", "thumbnails"} <= top
@@ -192,3 +210,16 @@ def test_missing_hub_model_offline_is_one_sentence(odd_style_dir, tmp_path, caps
     assert main(args) == 2
     err = capsys.readouterr().err
     assert one_line_error(err, "some-org/not-downloaded-model") and "--base-model" in err
+
+
+def test_evaluate_cli_regenerates_and_rescores(finished_run, tiny_clip, monkeypatch):
+    from research import evaluate
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{finished_run.parent.parent / 'mlflow.db'}")
+    before = json.loads((finished_run / "metrics.json").read_text())
+    assert evaluate.main(["--run-dir", str(finished_run), "--num-images", "6", "--metrics", "clip_score"]) == 0
+    after = json.loads((finished_run / "metrics.json").read_text())
+    assert after["n_images"] == 6 and set(after["adapter"]) == {"clip_score"}
+    assert after["adapter"]["clip_score"]["n"] == 6
+    assert after["cost"] == before["cost"]  # training cost is kept
+    assert len(list((finished_run / "inference").glob("*.png"))) == 6
