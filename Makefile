@@ -59,6 +59,7 @@ ui: setup ## MLflow UI on http://127.0.0.1:5000 (HOST=0.0.0.0 to share)
 
 bench: setup ## speed benchmarks (training steps/s, evaluation time)
 	$(PY) -m research.bench $(ARGS)
+	$(PY) -m research.bench_eval
 
 clean: ## remove caches and regenerable toy data (keeps runs/ and mlflow.db)
 	rm -rf .pytest_cache $(TOY_DATA)

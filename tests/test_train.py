@@ -223,3 +223,15 @@ def test_evaluate_cli_regenerates_and_rescores(finished_run, tiny_clip, monkeypa
     assert after["adapter"]["clip_score"]["n"] == 6
     assert after["cost"] == before["cost"]  # training cost is kept
     assert len(list((finished_run / "inference").glob("*.png"))) == 6
+
+
+def test_validation_images_are_logged_with_their_step(tiny_model, odd_style_dir, tmp_path, tracking_store):
+    import mlflow
+
+    args = tiny_train_args(odd_style_dir, tiny_model, tmp_path / "runs", validation_steps=2, checkpointing_steps=0)
+    assert main(args) == 0
+    mlflow.set_tracking_uri(tracking_store)
+    (run,) = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "validation")}
+    # two validation prompts, logged at steps 2 and 4
+    assert files == {f"validation/p{p:02d}_s000003_step{s:06d}.png" for p in (0, 1) for s in (2, 4)}
