@@ -15,7 +15,7 @@ FLAGS = $(if $(CONFIG),--config $(CONFIG)) $(if $(STYLE_DIR),--style-dir $(STYLE
 	$(if $(LORA_ALPHA),--lora-alpha $(LORA_ALPHA)) $(if $(STEPS),--max-train-steps $(STEPS)) \
 	$(if $(LR),--learning-rate $(LR)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
 
-.PHONY: help setup quickstart test test-slow train sample evaluate data toyworld ui bench clean
+.PHONY: help setup quickstart test test-slow train sample evaluate report data toyworld ui bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ sample: setup ## sample a finished run again: RUN=runs/<experiment>/<run> [ARGS=
 
 evaluate: setup ## evaluate a run: RUN=runs/<experiment>/<run> [ARGS="--num-images 256 --metrics clip_score,fid"]
 	$(PY) -m research.evaluate --run-dir $(RUN) $(ARGS)
+
+report: setup ## figure of adapter vs baseline metrics for an experiment: EXPERIMENT=quickstart
+	$(PY) reports/metrics_figure.py --experiment $(or $(EXPERIMENT),quickstart)
 
 toyworld: setup ## regenerate the toy world's data and retrain its models from scratch (slow on CPU)
 	$(PY) -m research.toyworld.pretrain --out research/toyworld/weights $(ARGS)

@@ -235,3 +235,26 @@ def test_validation_images_are_logged_with_their_step(tiny_model, odd_style_dir,
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "validation")}
     # two validation prompts, logged at steps 2 and 4
     assert files == {f"validation/p{p:02d}_s000003_step{s:06d}.png" for p in (0, 1) for s in (2, 4)}
+
+
+def test_metrics_figure_reads_mlflow_and_draws(finished_run, tmp_path, monkeypatch):
+    import importlib.util
+
+    import mlflow
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("metrics_figure", REPO / "reports" / "metrics_figure.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    uri = f"sqlite:///{finished_run.parent.parent / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    rows = report.load_rows("test")
+    assert {r["arm"] for r in rows} == {"adapter", "baseline"}
+    assert {r["metric"] for r in rows} >= {"style_similarity", "fid"}
+    out = tmp_path / "fig.png"
+    assert report.main(["--experiment", "test", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] > 400
+    mlflow.set_tracking_uri(uri)
+    (run,) = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    assert "reports/fig.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "reports")}
+    assert report.main(["--experiment", "no-such-experiment"]) == 2
