@@ -225,3 +225,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             if given != f.default or f.name not in base:
                 values[f.name] = given
     return TrainConfig.from_dict(values, source="command line")
+
+
+def apply_overrides(cfg: TrainConfig, args: argparse.Namespace, names: list[str]) -> TrainConfig:
+    """Flags of a follow-up command (sample, evaluate) override a finished run's config.json."""
+    values = cfg.to_dict()
+    for name in names:
+        if getattr(args, name) != getattr(TrainConfig, name):
+            values[name] = getattr(args, name)
+    return TrainConfig.from_dict(values, source="command line")

@@ -85,7 +85,7 @@ def _mlflow_run_for(run_dir: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from research.config import ConfigError, TrainConfig, add_config_arguments
+    from research.config import ConfigError, TrainConfig, add_config_arguments, apply_overrides
     from research.data import DataError, load_style_folder
     from research.methods import get_method
     from research.models import ModelNotFoundError, load_pipeline, pick_device, pick_precision, weight_dtype
@@ -104,11 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{run_dir} is not a run folder (no config.json); pass a folder under runs/.")
     setup_logging(run_dir / "logs.txt")
     try:
-        cfg = TrainConfig.from_json_file(run_dir / "config.json")
-        for name in EVAL_FLAGS:
-            if getattr(args, name) != getattr(TrainConfig, name):
-                setattr(cfg, name, getattr(args, name))
-        cfg.validate()
+        cfg = apply_overrides(TrainConfig.from_json_file(run_dir / "config.json"), args, EVAL_FLAGS)
         data = load_style_folder(cfg.style_dir, style_name=cfg.style_name, resolution=cfg.resolution,
                                  caption_template=cfg.caption_template, trigger_word=cfg.trigger_word,
                                  holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,

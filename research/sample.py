@@ -111,7 +111,7 @@ def sample_run(run_dir: Path, cfg, method, *, prompts: list[str], base_pipe) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from research.config import TrainConfig, add_config_arguments
+    from research.config import ConfigError, TrainConfig, add_config_arguments, apply_overrides
     from research.data import DataError, read_validation_prompts
     from research.methods import get_method
     from research.models import ModelNotFoundError, load_pipeline, pick_device, pick_precision, weight_dtype
@@ -125,16 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").is_file():
         parser.error(f"{run_dir} is not a run folder (no config.json); pass a folder under runs/.")
-    cfg = TrainConfig.from_json_file(run_dir / "config.json")
-    for name in ["num_eval_images", "num_inference_steps", "guidance_scale", "sampler", "device"]:
-        if getattr(args, name) != getattr(TrainConfig, name):
-            setattr(cfg, name, getattr(args, name))
     try:
+        cfg = apply_overrides(TrainConfig.from_json_file(run_dir / "config.json"), args,
+                              ["num_eval_images", "num_inference_steps", "guidance_scale", "sampler", "device"])
         prompts = read_validation_prompts(Path(cfg.style_dir), cfg.resolved_style_name(),
                                           args.validation_prompts_file or cfg.validation_prompts_file)
         device = pick_device(cfg.device)
         pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
-    except (DataError, ModelNotFoundError) as err:
+    except (ConfigError, DataError, ModelNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     sample_run(run_dir, cfg, get_method(cfg), prompts=prompts, base_pipe=pipe)
