@@ -46,11 +46,11 @@ class Recipe:
     vae_batch: int = 128
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6  # SD's VAE uses a tiny KL term: latents stay near-deterministic but bounded
-    unet_images: int = 40_000  # plain only: ~300 layouts per training triple
-    unet_steps: int = 8_000
-    unet_batch: int = 256
-    unet_lr: float = 5e-4
-    unet_ema: float = 0.9995  # sampling quality of tiny diffusion models depends a lot on EMA weights
+    unet_images: int = 20_000  # plain only: ~150 layouts per training triple
+    unet_steps: int = 2_500
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    unet_ema: float = 0.999  # sampling quality of tiny diffusion models depends a lot on EMA weights
     caption_dropout: float = 0.1  # empty caption this often, so classifier-free guidance works
     oracle_images: int = 24_000
     oracle_steps: int = 3_000
@@ -267,12 +267,12 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
     empty = len(ALL_SCENES)
     scene_t = torch.from_numpy(data["scene"]).to(device)
     alphas = scheduler.alphas_cumprod.to(device)
-    ema = EMAModel(unet.parameters(), decay=recipe.unet_ema)
+    ema = EMAModel(unet.parameters(), decay=recipe.unet_ema, foreach=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
     gen = torch.Generator(device).manual_seed(3)
     for step in (bar := tqdm(range(recipe.unet_steps), desc="unet", mininterval=10)):
         for g in opt.param_groups:
-            g["lr"] = recipe.unet_lr * cosine_lr(step, recipe.unet_steps, 500)
+            g["lr"] = recipe.unet_lr * cosine_lr(step, recipe.unet_steps, 200)
         idx = torch.randint(len(moments), (recipe.unet_batch,), device=device, generator=gen)
         mean, logvar = moments[idx].chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, device=device, generator=gen)) * sf
@@ -411,9 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     if "unet" in only:
         unet, scheduler = train_unet(recipe, vae, text_encoder, tokenizer, device, args.workers)
         times["unet"] = time.time() - t0
-    else:
-        unet, scheduler = UNet2DConditionModel.from_pretrained(out / "sd", subfolder="unet"), make_scheduler()
     if {"clip", "vae", "unet"} & set(only):
+        if "unet" not in only:  # a new text encoder or VAE is shipped with the UNet already trained
+            unet, scheduler = UNet2DConditionModel.from_pretrained(out / "sd", subfolder="unet"), make_scheduler()
         atomic_save(out / "sd", lambda p: save_sd(vae, text_encoder, tokenizer, unet, scheduler, p))
 
     t0 = time.time()

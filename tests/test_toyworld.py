@@ -1,0 +1,104 @@
+"""The toy world: generator, styles, split, shipped pipeline and oracle."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from research.toyworld import CLIP_DIR, ORACLE_DIR, SD_DIR
+from research.toyworld.generate import generate_style_folder
+from research.toyworld.scenes import ALL_SCENES, HELDOUT_SCENES, TRAIN_SCENES, Scene, caption, parse_caption, render
+from research.toyworld.styles import STYLES
+
+TEST_SEED = 900_000_000  # seeds at and above this are never used in pretraining
+
+
+def test_caption_round_trip_and_suffixes():
+    for scene in ALL_SCENES:
+        text = caption(scene)
+        assert parse_caption(text) == scene
+        assert parse_caption(f"{text}, comic style") == scene
+        assert parse_caption(f"sks {text} in <toy-pastel> style") == scene
+    assert caption(Scene("star", "orange", "green hill")) == "an orange star on a green hill"
+    assert parse_caption("a photo of a cat") is None
+
+
+def test_render_is_deterministic_and_seed_moves_the_layout():
+    scene = Scene("star", "red", "green hill")
+    a, b = np.asarray(render(scene, "comic", 7)), np.asarray(render(scene, "comic", 7))
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - np.asarray(render(scene, "comic", 8)).astype(int)).mean() > 5
+
+
+def test_each_style_changes_the_same_scene_in_its_own_way():
+    for scene in (Scene("heart", "blue", "sandy beach"), Scene("square", "yellow", "night sky")):
+        pixels = {st: np.asarray(render(scene, st, 3)).astype(np.float32) for st in STYLES}
+        for s1, s2 in itertools.combinations(STYLES, 2):
+            assert np.abs(pixels[s1] - pixels[s2]).mean() > 8, (s1, s2)
+        # Each look does what it says: pastel is paler, vivid more saturated, comic has black ink.
+        sat = {st: (p.max(-1) - p.min(-1)).mean() for st, p in pixels.items()}
+        assert pixels["pastel"].mean() > pixels["plain"].mean() and sat["pastel"] < sat["plain"]
+        assert sat["vivid"] > sat["plain"]
+        assert (pixels["comic"].max(-1) < 30).mean() > 2 * (pixels["plain"].max(-1) < 30).mean() + 0.01
+
+
+def test_heldout_triples_are_new_combinations_of_seen_parts(tmp_path):
+    assert set(TRAIN_SCENES).isdisjoint(HELDOUT_SCENES) and len(TRAIN_SCENES) + len(HELDOUT_SCENES) == len(ALL_SCENES)
+    for h in HELDOUT_SCENES:
+        assert any((s.shape, s.colour) == (h.shape, h.colour) for s in TRAIN_SCENES)
+        assert any((s.colour, s.background) == (h.colour, h.background) for s in TRAIN_SCENES)
+    folder = generate_style_folder(tmp_path, "vivid", 40, seed=0)
+    captions = [parse_caption(p.read_text()) for p in sorted(folder.glob("*.txt")) if p.name != "validation_prompts.txt"]
+    assert len(captions) == 40 and not set(captions) & set(HELDOUT_SCENES)
+    prompts = (folder / "validation_prompts.txt").read_text().splitlines()
+    assert {parse_caption(p) for p in prompts} == set(HELDOUT_SCENES)
+
+
+def test_generator_is_deterministic_and_writes_the_trainer_layout(tmp_path):
+    a = generate_style_folder(tmp_path / "a", "pastel", 6, seed=1)
+    b = generate_style_folder(tmp_path / "b", "pastel", 6, seed=1)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    assert names[:2] == ["0000.png", "0000.txt"] and "validation_prompts.txt" in names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert not list(tmp_path.glob("a/.*")), "temporary folders must not be left behind"
+
+
+def test_shipped_pipeline_loads_and_generates_64px_images():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(SD_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    out = pipe(["a red star on a green hill", ""], num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (2, 64, 64, 3)
+    assert np.isfinite(out.images).all() and out.images.std() > 0.05
+
+
+def test_shipped_clip_loads_like_openai_clip_and_ranks_its_caption_first():
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    model, tok, proc = CLIPModel.from_pretrained(CLIP_DIR), CLIPTokenizer.from_pretrained(CLIP_DIR), CLIPImageProcessor.from_pretrained(CLIP_DIR)
+    scenes = [Scene("star", "red", "green hill"), Scene("circle", "blue", "night sky"), Scene("triangle", "yellow", "brick wall")]
+    images = [render(s, "comic", TEST_SEED + i) for i, s in enumerate(scenes)]
+    inputs = tok([caption(s) + ", comic style" for s in scenes], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs, **proc(images, return_tensors="pt")).logits_per_image
+    assert logits.argmax(-1).tolist() == [0, 1, 2]
+
+
+def test_oracle_meets_97_percent_on_fresh_renders():
+    from research.toyworld.oracle import HEADS, Oracle
+    from research.toyworld.pretrain import oracle_accuracy
+
+    oracle = Oracle.from_pretrained(ORACLE_DIR)
+    assert tuple(oracle.labels["style"]) == STYLES
+    accuracy = oracle_accuracy(oracle, n_per_style=75, seed=TEST_SEED)  # 300 images, every scene incl. held-out
+    assert all(accuracy[h] >= 0.97 for h in HEADS), accuracy
+    probs = oracle.predict_proba(torch.rand(2, 3, 80, 80))
+    assert probs["colour"].shape == (2, 6) and torch.allclose(probs["shape"].sum(-1), torch.ones(2))
