@@ -46,18 +46,25 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto = bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
     # ── method ────────────────────────────────────────────────────────────────────────────────
-    method: str = "lora"  # which parameters train: lora
+    method: str = "lora"  # which parameters train: lora | textual_inversion | dreambooth
     rank: int = 32  # LoRA rank r (seed default)
     lora_alpha: float = 16.0  # LoRA scale numerator: the update is (alpha / rank) * B @ A
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     unet_target_modules: str = "to_q,to_k,to_v,to_out.0"  # UNet attention projections that get LoRA
     train_text_encoder: bool = False  # also put LoRA on the text encoder (disables text-embedding caching)
     text_encoder_target_modules: str = "q_proj,k_proj,v_proj,out_proj"  # CLIP attention projections
+    placeholder_token: str = "<style>"  # Textual Inversion: new token put in every caption and prompt (load_textual_inversion's token=)
+    initializer_token: str = "painting"  # Textual Inversion: new vectors start at this word's embedding (mean of its pieces if it splits)
+    num_vectors: int = 4  # Textual Inversion: vectors behind the placeholder; diffusers names them <style>, <style>_1, ...
+    with_prior_preservation: bool = False  # DreamBooth: also train on base-model images of --class-prompt so the class is not forgotten
+    prior_loss_weight: float = 1.0  # DreamBooth: lambda in loss = instance + lambda * prior (1 is the paper's choice)
+    class_prompt: str = "an illustration"  # DreamBooth: prompt of the class images the base model generates before training
+    num_class_images: int = 100  # DreamBooth: class images generated (seeded) for prior preservation
     # ── optimisation ──────────────────────────────────────────────────────────────────────────
     max_train_steps: int = 1000  # optimizer steps (after gradient accumulation)
     train_batch_size: int = 2  # images per device per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
-    learning_rate: float = 1e-4  # AdamW learning rate for the UNet-side weights
+    learning_rate: float = 1e-4  # AdamW learning rate of what the method trains (SD 1.5: LoRA 1e-4, TI 5e-3, DreamBooth 5e-6)
     text_encoder_lr: float = 5e-5  # learning rate for text-encoder weights, when they train
     adam_weight_decay: float = 1e-2  # decoupled weight decay
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (GPU only) to save optimizer memory
@@ -137,6 +144,20 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be a positive number, got {getattr(self, name)}.")
+        from research.methods import METHODS  # lazily: the registry imports torch
+
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.method == "textual_inversion":
+            if self.num_vectors <= 0:
+                raise ConfigError(f"--num-vectors must be a positive integer, got {self.num_vectors}.")
+            if not self.placeholder_token.strip() or any(ch.isspace() for ch in self.placeholder_token):
+                raise ConfigError(f"--placeholder-token must be one word without spaces (e.g. <style>), "
+                                  f"got {self.placeholder_token!r}.")
+        if self.method == "dreambooth" and self.with_prior_preservation:
+            if self.num_class_images <= 0 or self.prior_loss_weight < 0 or not self.class_prompt.strip():
+                raise ConfigError("--with-prior-preservation needs --num-class-images > 0, --prior-loss-weight >= 0 "
+                                  "and a non-empty --class-prompt.")
         if self.method == "lora" and self.rank <= 0:
             raise ConfigError(f"--rank must be a positive integer, got {self.rank}.")
         for name in ["learning_rate", "lora_alpha"]:

@@ -60,6 +60,18 @@ class TrainResult:
     cost: dict = field(default_factory=dict)
 
 
+@dataclass
+class ExtraBatches:
+    """Extra examples a method mixes into every batch with their own loss weight (DreamBooth's prior
+    preservation). A method that has them defines ``extra_batches(components, encode_images, run_dir)``
+    returning this (or None); each micro-batch then draws as many extra examples as it has instance
+    examples, and loss = instance loss + weight * extra loss."""
+
+    latents: torch.Tensor  # [M, C, h, w] cached latents, on the training device
+    hidden: torch.Tensor  # [M or 1, L, D] text embeddings (1 = the same prompt for all)
+    weight: float
+
+
 class Hook(Protocol):
     def on_step(self, info: StepInfo, components: Components) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
@@ -134,7 +146,11 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
         c.unet.to(memory_format=torch.channels_last)
 
     # ─── cache what does not train: VAE latents (both flips) and caption embeddings ────────────
-    captions = [method.caption(e.caption) for e in data.train]
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    # tokenize captions exactly as the pipeline tokenizes prompts (a multi-vector TI token expands to its vectors)
+    captions = TextualInversionLoaderMixin().maybe_convert_prompt([method.caption(e.caption) for e in data.train],
+                                                                  c.tokenizer)
     tokens = c.tokenizer(captions, padding="max_length", max_length=c.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)
     cache_latents = cfg.cache_latents and cfg.center_crop  # a random crop differs every step
@@ -157,6 +173,8 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     if method.frozen_text_encoder:
         with torch.no_grad():
             text_cache = torch.cat([c.text_encoder(tokens[i:i + 32])[0] for i in range(0, len(tokens), 32)])
+    extra_batches = getattr(method, "extra_batches", None)  # optional: see ExtraBatches
+    extra = extra_batches(c, encode_images, run_dir) if extra_batches else None
     if latent_cache is not None and device.type == "cuda":
         c.vae.to("cpu")  # nothing left for it to encode during training
     if text_cache is not None and device.type == "cuda":
@@ -223,6 +241,13 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     n, accum = len(data.train), cfg.gradient_accumulation_steps
     world, rank = accelerator.num_processes, accelerator.process_index
     running_loss, running_count = torch.zeros((), device=device), 0
+
+    def draw_noise(shape, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(shape, generator=gen)
+        if cfg.noise_offset:
+            noise += cfg.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=gen)
+        return noise
+
     unet.train()
     progress = tqdm(range(start_step, cfg.max_train_steps), initial=start_step, total=cfg.max_train_steps,
                     desc=f"train {method.name}", unit="step", disable=not accelerator.is_local_main_process)
@@ -244,10 +269,15 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
                                               rng=__import__("random").Random(_mix(cfg.seed, k, i)))
                                    for i in idx])
                 latents = encode_images(pix).float()
-            noise = torch.randn(latents.shape, generator=g)
-            if cfg.noise_offset:
-                noise += cfg.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=g)
+            noise = draw_noise(latents.shape, g)
             timesteps = torch.randint(0, sched.config.num_train_timesteps, (bsz,), generator=g)
+            if extra is not None:  # its own generator: the instance draws stay those of a run without extras
+                g_extra = torch.Generator().manual_seed(_mix(cfg.seed, k, 11))
+                extra_idx = torch.randint(0, len(extra.latents), (bsz,), generator=g_extra)
+                latents = torch.cat([latents, extra.latents[extra_idx]])
+                noise = torch.cat([noise, draw_noise((bsz, *latents.shape[1:]), g_extra)])
+                timesteps = torch.cat([timesteps, torch.randint(0, sched.config.num_train_timesteps, (bsz,),
+                                                                generator=g_extra)])
             noise, timesteps = noise.to(device), timesteps.to(device)
             with accelerator.accumulate(*trained_modules):
                 noisy = sched.add_noise(latents, noise, timesteps)
@@ -255,6 +285,8 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
                     hidden = text_cache[idx]
                 else:
                     hidden = text_encoder(tokens[idx])[0]
+                if extra is not None:
+                    hidden = torch.cat([hidden, extra.hidden[extra_idx % len(extra.hidden)].to(hidden.dtype)])
                 with accelerator.autocast():
                     pred = unet(noisy.to(base_dtype), timesteps, hidden.to(base_dtype)).sample
                 target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, timesteps)
@@ -264,7 +296,7 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
                     snr = compute_snr(sched, timesteps)
                     weight = torch.clamp(snr, max=cfg.snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
                     loss = loss * weight
-                loss = loss.mean()
+                loss = loss.mean() if extra is None else loss[:bsz].mean() + extra.weight * loss[bsz:].mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     accelerator.clip_grad_norm_([p for g_ in param_groups for p in g_["params"]], cfg.max_grad_norm)
@@ -352,8 +384,11 @@ class ValidationHook:
         pipe = make_sampler(pipe, self.cfg.sampler)
         pipe.set_progress_bar_config(disable=True)
         jobs = [Job(i, p, self.cfg.seed) for i, p in enumerate(self.prompts)]
-        images = generate(pipe, jobs, num_inference_steps=self.cfg.num_inference_steps,
-                          guidance_scale=self.cfg.guidance_scale, resolution=self.cfg.resolution, desc="validation")
+        half = c.vae.dtype != torch.float32  # fp32 trainable weights inside a bf16/fp16 base: sample as training runs
+        with torch.autocast(device.type, dtype=c.vae.dtype, enabled=half and device.type == "cuda"):
+            images = generate(pipe, jobs, num_inference_steps=self.cfg.num_inference_steps,
+                              guidance_scale=self.cfg.guidance_scale, resolution=self.cfg.resolution,
+                              desc="validation", prompt_fn=get_method(self.cfg).caption)
         c.unet.train()
         for job, image in zip(jobs, images):
             self.tracker.log_image(image, job.file_name, step=info.step)
@@ -366,7 +401,7 @@ class ValidationHook:
 
 
 # ─── the whole run: folder, tracking, train, sample, evaluate ───────────────────────────────
-def run(cfg: TrainConfig, track: bool = True) -> Path:
+def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None) -> Path:
     from research.sample import sample_run
     from research.tracking import SUBDIRS, Tracker, new_run_dir, setup_logging, write_metrics
 
@@ -378,7 +413,7 @@ def run(cfg: TrainConfig, track: bool = True) -> Path:
     setup_logging(run_dir / "logs.txt")
     write_json(run_dir / "config.json", cfg.to_dict())
     tags = {"experiment": cfg.experiment, "method": cfg.method, "style": cfg.resolved_style_name(),
-            "base_model": cfg.base_model, "run_dir": str(run_dir)}
+            "base_model": cfg.base_model, "run_dir": str(run_dir), **(tags or {})}
     tracker = Tracker(run_dir, cfg.experiment, cfg.resolved_run_name(), tags, enabled=track)
     log.info("run folder %s%s", run_dir, f" (MLflow run {tracker.run_id})" if tracker.run_id else "")
     try:
@@ -396,7 +431,10 @@ def run(cfg: TrainConfig, track: bool = True) -> Path:
         from research.tracking import flatten_metrics
 
         tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
-        tracker.log_folder(skip=(f"checkpoints/{STATE_PREFIX}",))
+        # large full-model checkpoints (DreamBooth's UNet) stay once, in the run folder; MLflow gets the
+        # pointer file the method writes beside them instead of a second multi-GB copy
+        stored_once = tuple(f"checkpoints/{p}" for p in getattr(result.method, "stored_once", ()))
+        tracker.log_folder(skip=(f"checkpoints/{STATE_PREFIX}", *stored_once))
         tracker.finish("FINISHED")
     except USER_ERRORS as err:
         log.error("%s", err)  # the user's input, not a bug: one line, no traceback

@@ -2,9 +2,11 @@
 how they are loaded into a pipeline."""
 
 from research.methods.base import Components, Method, config_metadata
+from research.methods.dreambooth import DreamBooth
 from research.methods.lora import LoRA
+from research.methods.textual_inversion import TextualInversion
 
-METHODS = {"lora": LoRA}
+METHODS = {"lora": LoRA, "textual_inversion": TextualInversion, "dreambooth": DreamBooth}
 
 
 def get_method(cfg) -> Method:
