@@ -47,10 +47,6 @@ class ObjectiveError(ConfigError):
     """The objective names a value the runs do not produce; the message lists the ones they do."""
 
 
-class TrialFailed(Exception):
-    """One trial failed (NaN loss, a crash in training or sampling); the study goes on."""
-
-
 # ─── the search space ───────────────────────────────────────────────────────────────────────
 def _numbers(text: str, kind, flag: str, count: int | None = None) -> list:
     try:
@@ -121,6 +117,8 @@ class TrialRunner:
                  parent_run_id: str | None = None):
         self.cfg, self.study_name, self.objective, self.direction = cfg, study_name, objective, direction
         self.space, self.parent_run_id = space, parent_run_id
+        self.stop_error: Exception | None = None
+        self.experiment_id: str | None = None
 
     def _open_mlflow_run(self, run_name: str, tags: dict) -> str:
         import mlflow
@@ -128,11 +126,12 @@ class TrialRunner:
         from research.tracking import Tracker
 
         mlflow.set_tracking_uri(tracking_uri())
-        # the Tracker's experiment lookup puts artifacts beside a SQLite store, as for every other run
-        experiment_id = Tracker._experiment_id(argparse.Namespace(mlflow=mlflow), self.cfg.experiment)
+        if self.experiment_id is None:
+            # the Tracker's experiment lookup puts artifacts beside a SQLite store, as for every other run
+            self.experiment_id = Tracker._experiment_id(argparse.Namespace(mlflow=mlflow), self.cfg.experiment)
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id  # nested under the `mlflow run -e search` run
-        return mlflow.MlflowClient().create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+        return mlflow.MlflowClient().create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
 
     def __call__(self, trial) -> float:
         import dataclasses
@@ -157,25 +156,31 @@ class TrialRunner:
             run(cfg)
             value = objective_value(json.loads((run_dir / "metrics.json").read_text()), self.objective,
                                     str(run_dir / "metrics.json"))
-        except STOP_ERRORS:
-            self._mark_failed(run_id)
-            raise
         except Exception as err:  # KeyboardInterrupt is not an Exception: Ctrl-C still stops the study
             self._mark_failed(run_id)
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-            log.error("trial %d failed: %s: %s", trial.number, type(err).__name__, err)
-            raise TrialFailed(str(err)) from err
+            if isinstance(err, STOP_ERRORS):
+                self.stop_error = err  # every further trial would fail the same way: end the study
+                trial.study.stop()
+            else:
+                log.error("trial %d failed (%s: %s); its log is %s", trial.number, type(err).__name__, err,
+                          run_dir / "logs.txt")
+            # Optuna records a NaN objective as a FAILED trial and goes on; raising would do the same
+            # but print a traceback for what is often just a diverged learning rate (the full one is in
+            # the trial's logs.txt).
+            return float("nan")
         finally:
             if previous is None:
                 os.environ.pop("MLFLOW_RUN_ID", None)
             else:
                 os.environ["MLFLOW_RUN_ID"] = previous
-        if not math.isfinite(value):
-            self._mark_failed(run_id)
-            raise TrialFailed(f"objective {self.objective} is {value}")
         import mlflow
 
-        mlflow.MlflowClient().log_metric(run_id, "objective", value)
+        if not math.isfinite(value):
+            self._mark_failed(run_id)
+            trial.set_user_attr("error", f"objective {self.objective} is {value}")
+        else:
+            mlflow.MlflowClient().log_metric(run_id, "objective", value)
         return value
 
     @staticmethod
@@ -237,10 +242,12 @@ def search(cfg: TrainConfig, *, n_trials: int, objective: str, direction: str, s
     parent = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
         runner = TrialRunner(cfg, study_name, objective, direction, space, parent)
-        study.optimize(runner, n_trials=n_trials, catch=(TrialFailed,), gc_after_trial=True)
+        study.optimize(runner, n_trials=n_trials, gc_after_trial=True)
     finally:
         if parent:
             os.environ["MLFLOW_RUN_ID"] = parent
+    if runner.stop_error is not None:
+        raise runner.stop_error
     summary = summarize_study(study, objective, storage)
     path = Path(cfg.output_dir) / cfg.experiment / f"{study_name}_summary.json"
     write_json(path, summary)

@@ -22,12 +22,13 @@ def one_line_error(stderr: str, fragment: str) -> bool:
     return last.startswith("error: ") and fragment in last and "Traceback" not in stderr
 
 
-def search_args(style_dir, model, clip, out: Path, n_trials: int, **overrides) -> list[str]:
+def search_args(style_dir, model, clip, out: Path, n_trials: int, study: str = STUDY, **overrides) -> list[str]:
     """The real CLI minus size: 2 training steps per trial, tiny CLIP for style_similarity."""
-    values = dict(checkpointing_steps=0, metrics="style_similarity", clip_model=clip, experiment="exp2")
+    values = dict(checkpointing_steps=0, metrics="style_similarity", clip_model=clip, experiment="exp2",
+                  num_eval_images=2, sample_batch_size=2)
     values.update(overrides)
     return tiny_train_args(style_dir, model, out / "runs", **values) + [
-        "--n-trials", str(n_trials), "--storage", f"sqlite:///{out / 'optuna.db'}", "--study-name", STUDY,
+        "--n-trials", str(n_trials), "--storage", f"sqlite:///{out / 'optuna.db'}", "--study-name", study,
         "--rank-choices", "2,4", "--steps-range", "2,2", "--lr-range", "1e-4,1e-3"]
 
 
@@ -56,11 +57,11 @@ def study_dir(tiny_model, odd_style_dir, tiny_clip, tmp_path_factory):
     return out, first
 
 
-def _runs(out: Path):
+def _runs(out: Path, study: str = STUDY):
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["exp2"], filter_string=f"tags.study_name = '{STUDY}'",
+    runs = mlflow.search_runs(experiment_names=["exp2"], filter_string=f"tags.study_name = '{study}'",
                               output_format="list")
     return sorted(runs, key=lambda r: int(r.data.tags["trial_number"]))
 
@@ -104,19 +105,22 @@ def test_resume_adds_trials_to_the_same_study(study_dir):
     assert summary["n_trials"] == 4 and summary["best"]["run_dir"]
 
 
-def test_missing_objective_key_is_one_sentence(tiny_model, odd_style_dir, tiny_clip, tmp_path, tracking_store, capsys):
+def test_missing_objective_key_is_one_sentence(study_dir, tiny_model, odd_style_dir, tiny_clip, monkeypatch, capsys):
+    import optuna
+
+    out, _ = study_dir  # the same stores, another study: no second database to initialise
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+    args = search_args(odd_style_dir, tiny_model, tiny_clip, out, 2, study="bad_objective")
     # a metric the config does not compute fails before any training
-    args = search_args(odd_style_dir, tiny_model, tiny_clip, tmp_path, 1)
     assert search.main(args + ["--objective", "adapter.fid"]) == 2
     assert one_line_error(capsys.readouterr().err, "add it to --metrics")
     # a key no run produces is found after the first trial, which is FAILED, and the error lists the keys
-    assert search.main(search_args(odd_style_dir, tiny_model, tiny_clip, tmp_path, 2) + ["--objective", "cost.nope"]) == 2
+    assert search.main(args + ["--objective", "cost.nope"]) == 2
     err = capsys.readouterr().err
     assert one_line_error(err, "'cost.nope' is not in") and "adapter.style_similarity" in err.splitlines()[-1]
-    import optuna
-
-    (trial,) = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    (trial,) = optuna.load_study(study_name="bad_objective", storage=f"sqlite:///{out / 'optuna.db'}").trials
     assert trial.state.name == "FAIL"
+    assert [r.info.status for r in _runs(out, "bad_objective")] == ["FAILED"]
 
 
 def test_objective_value_reads_flattened_keys():
