@@ -111,27 +111,13 @@ def _safe_storage(storage: str) -> str:
 
 
 class TrialRunner:
-    """Runs one trial as one training run, attached to an MLflow run that already carries the trial's tags."""
+    """The Optuna objective: one trial = one research.train run, tagged with the study and trial number."""
 
     def __init__(self, cfg: TrainConfig, study_name: str, objective: str, direction: str, space: dict,
                  parent_run_id: str | None = None):
         self.cfg, self.study_name, self.objective, self.direction = cfg, study_name, objective, direction
         self.space, self.parent_run_id = space, parent_run_id
         self.stop_error: Exception | None = None
-        self.experiment_id: str | None = None
-
-    def _open_mlflow_run(self, run_name: str, tags: dict) -> str:
-        import mlflow
-
-        from research.tracking import Tracker
-
-        mlflow.set_tracking_uri(tracking_uri())
-        if self.experiment_id is None:
-            # the Tracker's experiment lookup puts artifacts beside a SQLite store, as for every other run
-            self.experiment_id = Tracker._experiment_id(argparse.Namespace(mlflow=mlflow), self.cfg.experiment)
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id  # nested under the `mlflow run -e search` run
-        return mlflow.MlflowClient().create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
 
     def __call__(self, trial) -> float:
         import dataclasses
@@ -142,22 +128,20 @@ class TrialRunner:
         run_name = f"{self.study_name}_t{trial.number:03d}"
         cfg = dataclasses.replace(self.cfg, **params, run_name=run_name, run_dir="", resume_from_checkpoint="")
         run_dir = new_run_dir(cfg.output_dir, cfg.experiment, run_name)
-        cfg.run_dir = str(run_dir)  # known before training, so a failed trial still points at its logs
+        cfg.run_dir = str(run_dir)  # known before training, so a failed trial still points at its folder
         cfg.validate()
+        trial.set_user_attr("run_dir", str(run_dir))
         tags = {"study_name": self.study_name, "trial_number": str(trial.number), "objective": self.objective,
                 "direction": self.direction}
-        run_id = self._open_mlflow_run(run_name, tags)
-        trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("mlflow_run_id", run_id)
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id  # nested under the `mlflow run -e search` run
         log.info("trial %d: %s -> %s", trial.number, params, run_dir)
-        previous = os.environ.get("MLFLOW_RUN_ID")
-        os.environ["MLFLOW_RUN_ID"] = run_id  # research.train's Tracker attaches to this run
         try:
-            run(cfg)
+            run(cfg, tags=tags)  # research.train marks its MLflow run FAILED when anything raises
             value = objective_value(json.loads((run_dir / "metrics.json").read_text()), self.objective,
                                     str(run_dir / "metrics.json"))
         except Exception as err:  # KeyboardInterrupt is not an Exception: Ctrl-C still stops the study
-            self._mark_failed(run_id)
+            self._finish_mlflow_run(trial, run_dir, failed=True)
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
             if isinstance(err, STOP_ERRORS):
                 self.stop_error = err  # every further trial would fail the same way: end the study
@@ -169,28 +153,27 @@ class TrialRunner:
             # but print a traceback for what is often just a diverged learning rate (the full one is in
             # the trial's logs.txt).
             return float("nan")
-        finally:
-            if previous is None:
-                os.environ.pop("MLFLOW_RUN_ID", None)
-            else:
-                os.environ["MLFLOW_RUN_ID"] = previous
-        import mlflow
-
         if not math.isfinite(value):
-            self._mark_failed(run_id)
             trial.set_user_attr("error", f"objective {self.objective} is {value}")
-        else:
-            mlflow.MlflowClient().log_metric(run_id, "objective", value)
+        self._finish_mlflow_run(trial, run_dir, failed=not math.isfinite(value), value=value)
         return value
 
-    @staticmethod
-    def _mark_failed(run_id: str) -> None:
-        """research.train marks the runs it opened FAILED; this covers failures before it opened one."""
+    def _finish_mlflow_run(self, trial, run_dir: Path, failed: bool, value: float | None = None) -> None:
+        """Link the trial to its MLflow run; a trial without a usable objective is a FAILED run too."""
         import mlflow
 
+        mlflow.set_tracking_uri(tracking_uri())
+        found = mlflow.search_runs(experiment_names=[self.cfg.experiment], output_format="list",
+                                   filter_string=f"tags.run_dir = '{run_dir}'")
+        if not found:  # failed before research.train opened a run
+            return
+        run_id = found[0].info.run_id
+        trial.set_user_attr("mlflow_run_id", run_id)
         client = mlflow.MlflowClient()
-        if client.get_run(run_id).info.status != "FAILED":
+        if failed:
             client.set_terminated(run_id, "FAILED")
+        else:
+            client.log_metric(run_id, "objective", value)
 
 
 # ─── the study ──────────────────────────────────────────────────────────────────────────────
