@@ -63,7 +63,8 @@ class TextualInversion(Method):
         for module in (c.unet, c.vae, c.text_encoder):
             module.requires_grad_(False)
         names = self.token_names()
-        if c.tokenizer.add_tokens(names) != len(names):
+        vocab = c.tokenizer.get_vocab()
+        if any(n in vocab for n in names) or c.tokenizer.add_tokens(names) != len(names):
             raise ConfigError(f"--placeholder-token {self.cfg.placeholder_token!r} (or one of {names[1:]}) is already "
                               "a token of this tokenizer; choose a new word such as '<my-style>'.")
         ids = c.tokenizer.convert_tokens_to_ids(names)
