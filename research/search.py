@@ -69,9 +69,10 @@ def search_space(args: argparse.Namespace) -> dict:
 
 def suggest(trial, space: dict) -> dict:
     """Rank is categorical (powers of two, not a continuum); steps and learning rate are log-scaled."""
-    return {"rank": trial.suggest_categorical("rank", space["rank"]),
-            "max_train_steps": trial.suggest_int("max_train_steps", *space["max_train_steps"], log=True),
-            "learning_rate": trial.suggest_float("learning_rate", *space["learning_rate"], log=True)}
+    params = {"rank": trial.suggest_categorical("rank", space["rank"])} if "rank" in space else {}
+    params["max_train_steps"] = trial.suggest_int("max_train_steps", *space["max_train_steps"], log=True)
+    params["learning_rate"] = trial.suggest_float("learning_rate", *space["learning_rate"], log=True)
+    return params
 
 
 # ─── the objective ──────────────────────────────────────────────────────────────────────────
@@ -284,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--run-dir and --resume-from-checkpoint do not apply to a search; "
                               "resume a search by running it again with the same --study-name.")
         space = search_space(args)
+        if cfg.method != "lora":
+            space.pop("rank")  # only LoRA has a rank; steps and learning rate are searched for every method
         study_name = args.study_name or cfg.resolved_run_name()
         summary, path = search(cfg, n_trials=args.n_trials, objective=args.objective, direction=args.direction,
                                storage=args.storage, study_name=study_name, space=space,

@@ -1,0 +1,121 @@
+"""Experiment IV: metrics of a blend against the weight t, beside its image grid.
+
+    python reports/blend_figure.py                                   # newest run of experiment exp4
+    python reports/blend_figure.py --run-dir runs/exp4/<run>         # -> reports/out/<name>_blend.png
+
+Reads the run's metrics.json and thumbnails/grid.png from MLflow. A metric measured against each
+style (style_similarity_a / _b, oracle_style_prob_a / _b, ...) is one panel with a curve per style,
+with 95% intervals; the PNG is written atomically and logged to the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def find_run(experiment: str, run_dir: str = ""):
+    import mlflow
+
+    from research.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    flt = "attributes.status = 'FINISHED'" + (f" and tags.run_dir = '{run_dir}'" if run_dir else "")
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=flt, output_format="list",
+                              order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def load_rows(metrics: dict) -> list[dict]:
+    """One row per (t, metric, side): side is "A", "B" or "" for metrics that do not name a style."""
+    rows = []
+    for key, values in metrics.items():
+        if not key.startswith("t_"):
+            continue
+        t = float(key[2:])
+        for name, value in values.items():
+            if value.get("mean") is None:
+                continue
+            base, side = (name[:-2], name[-1].upper()) if name.endswith(("_a", "_b")) else (name, "")
+            lo, hi = value.get("ci95") or [value["mean"]] * 2
+            rows.append(dict(t=t, metric=base, side=side, mean=value["mean"],
+                             lo=value["mean"] if lo is None else lo, hi=value["mean"] if hi is None else hi))
+    return rows
+
+
+def draw(rows: list[dict], grid: Path | None, out: Path, title: str, labels: dict[str, str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from research.atomic import atomic_path
+
+    df = pd.DataFrame(rows)
+    metrics = list(dict.fromkeys(df.metric)) if len(df) else []
+    sns.set_theme(style="whitegrid", context="notebook")
+    panels = len(metrics) + (grid is not None)
+    fig, axes = plt.subplots(1, max(panels, 1), figsize=(4.2 * max(panels, 1) + (2 if grid else 0), 3.8), squeeze=False)
+    palette = {"A": "#4c72b0", "B": "#d1495b", "": "#555555"}
+    for ax, metric in zip(axes.flat, metrics):
+        part = df[df.metric == metric].sort_values("t")
+        for side, sub in part.groupby("side", sort=True):
+            name = labels.get(side, "") if side else "blend"
+            ax.plot(sub.t, sub["mean"], marker="o", color=palette[side], label=f"{side}: {name}" if side else name)
+            ax.fill_between(sub.t, sub.lo, sub.hi, color=palette[side], alpha=0.15)
+        ax.set_xlabel("t  (0 = A, 1 = B)")
+        ax.set_title(metric)
+        ax.legend(loc="best", fontsize=7)
+    if grid is not None:
+        ax = axes.flat[panels - 1]
+        ax.imshow(plt.imread(str(grid)))
+        ax.set_title("one seed per prompt, across t")
+        ax.axis("off")
+    fig.suptitle(f"{title}: blend of A and B weight deltas")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="exp4", help="MLflow experiment of the blend runs")
+    parser.add_argument("--run-dir", "--run_dir", dest="run_dir", default="",
+                        help="blend run folder (its run_dir tag); default the newest finished blend")
+    parser.add_argument("--out", default="", help="PNG path (default reports/out/<name>_blend.png)")
+    args = parser.parse_args(argv)
+    run = find_run(args.experiment, args.run_dir)
+    if run is None:
+        print(f"error: no finished blend run in experiment {args.experiment!r}"
+              f"{' with run_dir ' + args.run_dir if args.run_dir else ''}; run `python -m research.blend` first.",
+              file=sys.stderr)
+        return 2
+    import mlflow
+
+    run_id = run.info.run_id
+    metrics = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="metrics.json")).read_text())
+    try:
+        grid = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="thumbnails/grid.png"))
+    except Exception:  # an export-only blend has no images
+        grid = None
+    name = run.info.run_name or run_id[:8]
+    labels = {"A": metrics.get("a", {}).get("label", "A"), "B": metrics.get("b", {}).get("label", "B")}
+    out = draw(load_rows(metrics), grid, Path(args.out or REPO / "reports" / "out" / f"{name}_blend.png"), name, labels)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(str(out), artifact_path="reports")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
