@@ -110,7 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         grid = None
     name = run.info.run_name or run_id[:8]
     labels = {"A": metrics.get("a", {}).get("label", "A"), "B": metrics.get("b", {}).get("label", "B")}
-    out = draw(load_rows(metrics), grid, Path(args.out or REPO / "reports" / "out" / f"{name}_blend.png"), name, labels)
+    rows = load_rows(metrics)
+    if not rows and grid is None:
+        print(f"error: blend run {name} sampled no images (export only); pass --run-dir of a blend run with --weights.",
+              file=sys.stderr)
+        return 2
+    out = draw(rows, grid, Path(args.out or REPO / "reports" / "out" / f"{name}_blend.png"), name, labels)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifact(str(out), artifact_path="reports")
     print(f"wrote {out}")

@@ -344,7 +344,8 @@ def run_blend(a_path: str, b_path: str, weights: list[float], export_weight: flo
     write_json(run_dir / "config.json", blend_config)
     tags = {"experiment": cfg.experiment, "method": "lora_blend", "adapter_a": a.label, "adapter_b": b.label,
             "style_a": a.cfg.resolved_style_name(), "style_b": b.cfg.resolved_style_name(),
-            "base_model": cfg.base_model, "run_dir": str(run_dir)}
+            "base_model": cfg.base_model, "run_dir": str(run_dir),
+            "mlflow.runName": name}  # also names the run `mlflow run -e blend` opened
     tracker = Tracker(run_dir, cfg.experiment, name, tags, enabled=track)
     log.info("blend %s x %s at t = %s -> %s", a.label, b.label, weights, run_dir)
     try:

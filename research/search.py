@@ -238,11 +238,13 @@ def search(cfg: TrainConfig, *, n_trials: int, objective: str, direction: str, s
     if parent:
         import mlflow
 
-        with mlflow.start_run(run_id=parent):
-            mlflow.set_tags({"study_name": study_name, "objective": objective})
-            if summary["best"]:
-                mlflow.log_metric("best_objective", summary["best"]["value"])
-            mlflow.log_artifact(str(path))
+        # the client, not mlflow.start_run: the parent lives in `mlflow run`'s experiment, not exp2
+        client = mlflow.MlflowClient(tracking_uri())
+        client.set_tag(parent, "study_name", study_name)
+        client.set_tag(parent, "objective", objective)
+        if summary["best"]:
+            client.log_metric(parent, "best_objective", summary["best"]["value"])
+        client.log_artifact(parent, str(path))
     return summary, path
 
 
@@ -257,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metrics.json key to optimise, flattened: adapter.<metric>, baseline.<metric>, cost.<field>")
     s.add_argument("--direction", default="auto", choices=["auto", "maximize", "minimize"],
                    help="auto = minimize fid/kid/cost, maximize everything else")
-    s.add_argument("--storage", default=DEFAULT_STORAGE,
-                   help="Optuna RDB storage; postgresql://user:pass@host/db lets many machines share one study")
+    s.add_argument("--storage", default="",
+                   help="Optuna RDB storage; empty = sqlite:///optuna.db in the repository root; "
+                        "postgresql://user:pass@host/db lets many machines share one study")
     s.add_argument("--study-name", "--study_name", dest="study_name", default="",
                    help="study to create or resume (default <style>_<method>)")
     s.add_argument("--sampler-seed", "--sampler_seed", dest="sampler_seed", type=int, default=-1,
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             space.pop("rank")  # only LoRA has a rank; steps and learning rate are searched for every method
         study_name = args.study_name or cfg.resolved_run_name()
         summary, path = search(cfg, n_trials=args.n_trials, objective=args.objective, direction=args.direction,
-                               storage=args.storage, study_name=study_name, space=space,
+                               storage=args.storage or DEFAULT_STORAGE, study_name=study_name, space=space,
                                sampler_seed=cfg.seed if args.sampler_seed < 0 else args.sampler_seed)
     except STOP_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
