@@ -15,7 +15,7 @@ FLAGS = $(if $(CONFIG),--config $(CONFIG)) $(if $(STYLE_DIR),--style-dir $(STYLE
 	$(if $(LORA_ALPHA),--lora-alpha $(LORA_ALPHA)) $(if $(STEPS),--max-train-steps $(STEPS)) \
 	$(if $(LR),--learning-rate $(LR)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
 
-.PHONY: help setup quickstart test test-slow train sample evaluate report data toyworld ui bench clean
+.PHONY: help setup quickstart test test-slow train sample evaluate compare search blend report data toyworld ui bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -51,8 +51,19 @@ sample: setup ## sample a finished run again: RUN=runs/<experiment>/<run> [ARGS=
 evaluate: setup ## evaluate a run: RUN=runs/<experiment>/<run> [ARGS="--num-images 256 --metrics clip_score,fid"]
 	$(PY) -m research.evaluate --run-dir $(RUN) $(ARGS)
 
-report: setup ## figure of adapter vs baseline metrics for an experiment: EXPERIMENT=quickstart
+compare: setup ## Experiment III, LoRA vs TI vs DreamBooth on one budget: STYLE_DIR=… CONFIG=… STEPS=… METHODS=lora,dreambooth
+	$(PY) -m research.compare $(FLAGS) $(if $(METHODS),--methods $(METHODS))
+
+search: setup ## Experiment II, Optuna over rank/steps/lr: CONFIG=… STYLE_DIR=… TRIALS=20 STUDY=… ARGS="--storage postgresql://…"
+	$(PY) -m research.search $(FLAGS) --n-trials $(or $(TRIALS),20) $(if $(STUDY),--study-name $(STUDY))
+
+blend: setup ## Experiment IV, blend two LoRA runs: A=runs/exp1/<a> B=runs/exp1/<b> [WEIGHTS=0,0.5,1] [EXPORT=0.5]
+	$(PY) -m research.blend --adapter-a $(A) --adapter-b $(B) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(EXPORT),--export-weight $(EXPORT)) $(ARGS)
+
+report: setup ## figures from MLflow: EXPERIMENT=quickstart (metrics), STUDY=<study> (search), BLEND=latest|runs/exp4/<run>
 	$(PY) reports/metrics_figure.py --experiment $(or $(EXPERIMENT),quickstart)
+	$(if $(STUDY),$(PY) reports/search_figure.py --study-name $(STUDY))
+	$(if $(BLEND),$(PY) reports/blend_figure.py $(if $(filter latest,$(BLEND)),,--run-dir $(BLEND)))
 
 toyworld: setup ## regenerate the toy world's data and retrain its models from scratch (slow on CPU)
 	$(PY) -m research.toyworld.pretrain --out research/toyworld/weights $(ARGS)

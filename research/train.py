@@ -63,8 +63,8 @@ class TrainResult:
 @dataclass
 class ExtraBatches:
     """Extra examples a method mixes into every batch with their own loss weight (DreamBooth's prior
-    preservation). A method that has them defines ``extra_batches(components, encode_images, run_dir)``
-    returning this (or None); each micro-batch then draws as many extra examples as it has instance
+    preservation). A method that has them returns this from ``Method.extra_batches(components,
+    encode_images, run_dir)``; each micro-batch then draws as many extra examples as it has instance
     examples, and loss = instance loss + weight * extra loss."""
 
     latents: torch.Tensor  # [M, C, h, w] cached latents, on the training device
@@ -173,8 +173,7 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     if method.frozen_text_encoder:
         with torch.no_grad():
             text_cache = torch.cat([c.text_encoder(tokens[i:i + 32])[0] for i in range(0, len(tokens), 32)])
-    extra_batches = getattr(method, "extra_batches", None)  # optional: see ExtraBatches
-    extra = extra_batches(c, encode_images, run_dir) if extra_batches else None
+    extra = method.extra_batches(c, encode_images, run_dir)  # e.g. DreamBooth's prior-preservation images
     if latent_cache is not None and device.type == "cuda":
         c.vae.to("cpu")  # nothing left for it to encode during training
     if text_cache is not None and device.type == "cuda":
@@ -433,7 +432,7 @@ def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None
         tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
         # large full-model checkpoints (DreamBooth's UNet) stay once, in the run folder; MLflow gets the
         # pointer file the method writes beside them instead of a second multi-GB copy
-        stored_once = tuple(f"checkpoints/{p}" for p in getattr(result.method, "stored_once", ()))
+        stored_once = tuple(f"checkpoints/{p}" for p in result.method.stored_once)
         tracker.log_folder(skip=(f"checkpoints/{STATE_PREFIX}", *stored_once))
         tracker.finish("FINISHED")
     except USER_ERRORS as err:

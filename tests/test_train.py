@@ -212,17 +212,19 @@ def test_missing_hub_model_offline_is_one_sentence(odd_style_dir, tmp_path, caps
     assert one_line_error(err, "some-org/not-downloaded-model") and "--base-model" in err
 
 
-def test_evaluate_cli_regenerates_and_rescores(finished_run, tiny_clip, monkeypatch):
+def test_evaluate_cli_regenerates_and_rescores(finished_run, tiny_clip, tmp_path):
+    import shutil
+
     from research import evaluate
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{finished_run.parent.parent / 'mlflow.db'}")
-    before = json.loads((finished_run / "metrics.json").read_text())
-    assert evaluate.main(["--run-dir", str(finished_run), "--num-images", "6", "--metrics", "clip_score"]) == 0
-    after = json.loads((finished_run / "metrics.json").read_text())
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name)  # the shared run stays as trained
+    before = json.loads((run / "metrics.json").read_text())
+    assert evaluate.main(["--run-dir", str(run), "--num-images", "6", "--metrics", "clip_score"]) == 0
+    after = json.loads((run / "metrics.json").read_text())
     assert after["n_images"] == 6 and set(after["adapter"]) == {"clip_score"}
     assert after["adapter"]["clip_score"]["n"] == 6
     assert after["cost"] == before["cost"]  # training cost is kept
-    assert len(list((finished_run / "inference").glob("*.png"))) == 6
+    assert len(list((run / "inference").glob("*.png"))) == 6
 
 
 def test_validation_images_are_logged_with_their_step(tiny_model, odd_style_dir, tmp_path, tracking_store):

@@ -40,6 +40,8 @@ class Method:
     frozen_text_encoder = True
     #: file name of the main artifact inside checkpoints/
     weight_name = ""
+    #: checkpoints/ entries too large to copy into MLflow; the method writes a pointer file instead
+    stored_once: tuple[str, ...] = ()
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -72,6 +74,10 @@ class Method:
                 with torch.no_grad():
                     for name, value in own.items():
                         params[name].copy_(value)
+
+    def extra_batches(self, c: Components, encode_images, run_dir: Path):
+        """Extra examples mixed into every batch (research.train.ExtraBatches), or None."""
+        return None
 
     def caption(self, text: str) -> str:
         """Rewrite a caption or prompt for this method (Textual Inversion inserts its token)."""
