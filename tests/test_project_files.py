@@ -137,6 +137,8 @@ def test_mlflow_run_entry_point(tiny_model, odd_style_dir, tmp_path):
     # `--env-manager local` runs the command with the `python` on PATH: the activated venv's
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for leaked in ["MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"]:
+        env.pop(leaked, None)  # mlflow.set_experiment in earlier in-process tests exports these
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     proc = subprocess.run([str(mlflow_bin), "run", ".", "-e", "train", "--env-manager", "local",
                            "--experiment-name", "test", *params], cwd=REPO, env=env, capture_output=True,
