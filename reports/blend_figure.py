@@ -56,7 +56,7 @@ def draw(rows: list[dict], grid: Path | None, out: Path, title: str, labels: dic
     import pandas as pd
     import seaborn as sns
 
-    from research.atomic import atomic_path
+    from research.atomic import save_figure
 
     df = pd.DataFrame(rows)
     metrics = list(dict.fromkeys(df.metric)) if len(df) else []
@@ -80,11 +80,7 @@ def draw(rows: list[dict], grid: Path | None, out: Path, title: str, labels: dic
         ax.axis("off")
     fig.suptitle(f"{title}: blend of A and B weight deltas")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ def draw(rows: list[dict], out: Path, title: str) -> Path:
     import pandas as pd
     import seaborn as sns
 
-    from research.atomic import atomic_path
+    from research.atomic import save_figure
 
     df = pd.DataFrame(rows)
     metrics = sorted(df.metric.unique())
@@ -74,11 +74,7 @@ def draw(rows: list[dict], out: Path, title: str) -> Path:
     axes.flat[0].legend(loc="best", fontsize=8)
     fig.suptitle(f"{title}: adapter vs base model (95% intervals)")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ def draw(rows: list[dict], out: Path, title: str) -> Path:
     import pandas as pd
     import seaborn as sns
 
-    from research.atomic import atomic_path
+    from research.atomic import save_figure
 
     df = pd.DataFrame(rows)
     done = df[df.value.notna()]
@@ -88,11 +88,7 @@ def draw(rows: list[dict], out: Path, title: str) -> Path:
     failed = int((df.status != "FINISHED").sum())
     fig.suptitle(f"{title}: {len(done)} finished trials" + (f", {failed} failed or running" if failed else ""))
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,3 +49,13 @@ def save_image(image, path: str | Path) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+
+
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from research.atomic import atomic_path, write_json
+from research.atomic import save_figure, write_json
 from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, parse_bool
 from research.methods import METHODS
 
@@ -202,11 +202,7 @@ def draw(result: dict, out: Path) -> Path:
     fig.suptitle(f"Experiment III: {result['comparison']}, {steps} steps each"
                  + (f" — failed: {', '.join(failed)}" if failed else ""))
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)
 
 
 def format_table(result: dict) -> str:
