@@ -46,11 +46,12 @@ class Recipe:
     vae_batch: int = 128
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6  # SD's VAE uses a tiny KL term: latents stay near-deterministic but bounded
-    unet_images: int = 20_000  # plain only: ~150 layouts per training triple
-    unet_steps: int = 2_500
-    unet_batch: int = 64
+    unet_images: int = 10_000  # plain only: ~75 layouts per training triple
+    unet_steps: int = 6_000
+    unet_batch: int = 32
     unet_lr: float = 1e-3
-    unet_ema: float = 0.999  # sampling quality of tiny diffusion models depends a lot on EMA weights
+    unet_ema: float = 0.995  # sampling quality of tiny diffusion models depends a lot on EMA weights
+    unet_checkpoint_every: int = 250  # ship-ready pipeline written this often (long CPU runs can stop early)
     caption_dropout: float = 0.1  # empty caption this often, so classifier-free guidance works
     oracle_images: int = 24_000
     oracle_steps: int = 3_000
@@ -251,7 +252,7 @@ def encode_text(text_encoder, tokenizer, texts: list[str], device) -> torch.Tens
     return text_encoder.to(device)(ids.to(device))[0]
 
 
-def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: int):
+def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: int, on_checkpoint=None):
     from diffusers.training_utils import EMAModel
 
     torch.manual_seed(3)
@@ -272,7 +273,9 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
     gen = torch.Generator(device).manual_seed(3)
     for step in (bar := tqdm(range(recipe.unet_steps), desc="unet", mininterval=10)):
         for g in opt.param_groups:
-            g["lr"] = recipe.unet_lr * cosine_lr(step, recipe.unet_steps, 200)
+            # Warm-up then constant: the EMA does the averaging, and a checkpoint after N steps is
+            # exactly what a run with unet_steps=N gives.
+            g["lr"] = recipe.unet_lr * min(1.0, (step + 1) / 200)
         idx = torch.randint(len(moments), (recipe.unet_batch,), device=device, generator=gen)
         mean, logvar = moments[idx].chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, device=device, generator=gen)) * sf
@@ -292,6 +295,11 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
         ema.step(unet.parameters())
         if step % 100 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        if on_checkpoint and (step + 1) % recipe.unet_checkpoint_every == 0 and step + 1 < recipe.unet_steps:
+            ema.store(unet.parameters())
+            ema.copy_to(unet.parameters())
+            on_checkpoint(unet, scheduler, step + 1)
+            ema.restore(unet.parameters())
     ema.copy_to(unet.parameters())
     return unet.eval(), scheduler
 
@@ -382,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPModel
 
+    torch.set_flush_denormal(True)  # tiny gradients turn denormal on CPU and slow every step
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     recipe = Recipe().scaled(args.scale)
     device = torch.device(args.device)
@@ -409,7 +418,13 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     if "unet" in only:
-        unet, scheduler = train_unet(recipe, vae, text_encoder, tokenizer, device, args.workers)
+        def checkpoint(unet, scheduler, step):
+            atomic_save(out / "sd", lambda p: save_sd(vae, text_encoder, tokenizer, unet, scheduler, p))
+            unet.to(device)  # save_sd moved it to the CPU
+            vae.to(device)
+            print(f"unet checkpoint at step {step} written to {out / 'sd'}")
+
+        unet, scheduler = train_unet(recipe, vae, text_encoder, tokenizer, device, args.workers, checkpoint)
         times["unet"] = time.time() - t0
     if {"clip", "vae", "unet"} & set(only):
         if "unet" not in only:  # a new text encoder or VAE is shipped with the UNet already trained
