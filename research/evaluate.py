@@ -52,7 +52,7 @@ def evaluate_samples(cfg, samples: dict, references: list, device) -> dict:
 
 def format_table(metrics: dict) -> str:
     """A short adapter-vs-baseline table for the console."""
-    rows = [f"{'metric':<26}{'baseline':>20}{'adapter':>20}{'n':>6}"]
+    rows = [f"{'metric':<26}{'baseline':>26}{'adapter':>26}{'n':>6}"]
     for name, value in metrics.get("adapter", {}).items():
         base = metrics.get("baseline", {}).get(name, {})
 
@@ -63,7 +63,7 @@ def format_table(metrics: dict) -> str:
             ci = f" [{lo:.2f},{hi:.2f}]" if lo is not None and lo == lo else ""
             return f"{v['mean']:.3f}{ci}"
 
-        rows.append(f"{name:<26}{cell(base):>20}{cell(value):>20}{value.get('n', ''):>6}")
+        rows.append(f"{name:<26}{cell(base):>26}{cell(value):>26}{value.get('n', ''):>6}")
     cost = metrics.get("cost", {})
     if cost:
         rows.append(f"cost: {cost.get('train_seconds', 0):.1f} s training, {cost.get('steps_per_second', 0):.2f} steps/s, "

@@ -68,7 +68,7 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
     path = Path(source)
     hint = (f"Could not load the base model {base_model!r}: download it on a machine with network access "
             f"(e.g. `huggingface-cli download {base_model}`) and pass its local folder with --base-model")
-    kwargs = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
     try:
         if path.suffix == ".safetensors":
             if not path.is_file():

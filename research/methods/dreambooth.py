@@ -133,7 +133,7 @@ class DreamBooth(Method):
 
         if scale != 1.0:
             raise ValueError(f"A DreamBooth UNet replaces the base UNet; load it with scale 1, not {scale}.")
-        unet = UNet2DConditionModel.from_pretrained(checkpoint_dir / self.weight_name, torch_dtype=pipe.unet.dtype,
+        unet = UNet2DConditionModel.from_pretrained(checkpoint_dir / self.weight_name, dtype=pipe.unet.dtype,
                                                     use_safetensors=True)
         pipe.unet = unet.to(pipe.device)
 
