@@ -5,9 +5,9 @@ Every knob has exactly one name, used by the CLI (``--rank`` or ``--rank``'s sna
 ``config.json``. Defaults are the real-model recipe of the seed study (SD 1.5, 512 px); the
 embedded toy default lives in ``research/configs/toy.json`` and is applied with ``--config``.
 
-Precedence: dataclass defaults < ``--config`` file < flags whose value differs from the default.
-("Differs from the default" rather than "was typed" because ``mlflow run`` always passes every
-parameter; a flag left at its default therefore never overrides the config file.)
+Precedence: dataclass defaults < ``--config`` file < flags typed on the command line or set to a
+non-default value. Under ``mlflow run`` (which passes every parameter, typed or not) a flag left
+at its default does not override the file.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -222,6 +223,15 @@ def _help_comments() -> dict[str, str]:
     return comments
 
 
+class _Typed(argparse.Action):
+    """Stores the value and remembers that the flag was typed (defaults never pass through here)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        typed = set(getattr(namespace, "_typed", set()))
+        namespace._typed = typed | {self.dest}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
     """Add one flag per config field (``--kebab-case`` and its ``--snake_case`` twin)."""
     comments = _help_comments()
@@ -231,19 +241,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
             continue
         kind = _field_type(f)
         flags = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        parser.add_argument(*flags, dest=f.name, default=f.default, type=parse_bool if kind is bool else kind,
+        parser.add_argument(*flags, dest=f.name, default=f.default, type=parse_bool if kind is bool else kind, action=_Typed,
                             metavar=kind.__name__.upper(),
                             help=f"{comments.get(f.name, '')} (default: {f.default!r})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < --config file < flags that differ from their default."""
+    """Defaults < --config file < typed flags (under `mlflow run`: flags that differ from their default)."""
     base = TrainConfig.from_json_file(args.config).to_dict() if getattr(args, "config", "") else {}
+    under_mlflow = bool(os.environ.get("MLFLOW_RUN_ID"))  # it passes every parameter, typed or not
+    typed = getattr(args, "_typed", set())
     values = dict(base)
     for f in fields(TrainConfig):
         if hasattr(args, f.name):
             given = getattr(args, f.name)
-            if given != f.default or f.name not in base:
+            # a value other than the default always overrides (sub-commands set their own defaults);
+            # a typed default does too, except under mlflow run where "typed" means nothing
+            override = given != f.default or (f.name in typed and not under_mlflow)
+            if override or f.name not in base:
                 values[f.name] = given
     return TrainConfig.from_dict(values, source="command line")
 

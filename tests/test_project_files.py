@@ -88,14 +88,18 @@ def test_conda_pins_equal_requirements():
     assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][^\s]*", r) for r in reqs), "every requirement is pinned"
 
 
-def test_config_precedence_defaults_file_flags(tmp_path):
+def test_config_precedence_defaults_file_flags(tmp_path, monkeypatch):
     cfg_file = tmp_path / "c.json"
-    cfg_file.write_text(json.dumps({"rank": 4, "learning_rate": 0.01, "style_dir": "x"}))
-    args = build_parser().parse_args(["--config", str(cfg_file), "--learning-rate", "0.5", "--rank", "32"])
-    cfg = config_from_args(args)
-    assert cfg.learning_rate == 0.5  # a flag that differs from its default wins
-    assert cfg.rank == 4  # a flag left at its default (as mlflow run passes it) does not
-    assert cfg.style_dir == "x" and cfg.seed == TrainConfig.seed
+    cfg_file.write_text(json.dumps({"rank": 4, "learning_rate": 0.01, "max_train_steps": 50, "style_dir": "x"}))
+    argv = ["--config", str(cfg_file), "--learning-rate", "0.5", "--max-train-steps", "1000"]
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert cfg.learning_rate == 0.5 and cfg.max_train_steps == 1000  # typed flags win, even at their default
+    assert cfg.rank == 4 and cfg.style_dir == "x" and cfg.seed == TrainConfig.seed  # the file beats defaults
+    # under `mlflow run` every parameter is passed, so only values that differ from the default override
+    monkeypatch.setenv("MLFLOW_RUN_ID", "abc")
+    cfg = config_from_args(build_parser().parse_args(argv + ["--rank", "32"]))
+    assert cfg.learning_rate == 0.5 and cfg.max_train_steps == 50 and cfg.rank == 4
 
 
 def test_config_json_round_trip_and_bad_values(tmp_path):

@@ -124,7 +124,7 @@ def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequ
         with _timed(timings, "features:clip_text"):
             text = clip_text_features(clip, prompts)
     dist_key = "clip" if feature_extractor == "clip" else "inception"
-    dist_label = f"clip:{clip.name}" if feature_extractor == "clip" else "inception-clean"
+    dist_label = (f"clip:{clip.name}" if clip is not None else "clip") if feature_extractor == "clip" else "inception-clean"
 
     # ------------------------------------------------------------------ metrics per arm
     results = {}
