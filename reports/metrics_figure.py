@@ -50,6 +50,7 @@ def draw(rows: list[dict], out: Path, title: str) -> Path:
     import seaborn as sns
 
     from research.atomic import save_figure
+    from research.figures import point_and_interval
 
     df = pd.DataFrame(rows)
     metrics = sorted(df.metric.unique())
@@ -64,8 +65,7 @@ def draw(rows: list[dict], out: Path, title: str) -> Path:
         for offset, arm in [(-0.12, "baseline"), (0.12, "adapter")]:
             sub = part[part.arm == arm].set_index("run").reindex(runs).dropna(subset=["mean"])
             xs = [runs.index(r) + offset for r in sub.index]
-            ax.errorbar(xs, sub["mean"], yerr=[sub["mean"] - sub["lo"], sub["hi"] - sub["mean"]], fmt="o",
-                        color=palette[arm], label=arm, capsize=3)
+            point_and_interval(ax, xs, sub["mean"], sub["lo"], sub["hi"], palette[arm], label=arm)
         ax.set_xticks(range(len(runs)), runs, rotation=20, ha="right", fontsize=8)
         ax.set_xlim(-0.5, len(runs) - 0.5)
         ax.set_title(metric)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from research.atomic import save_figure, write_json
+from research.figures import point_and_interval
 from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, parse_bool
 from research.methods import METHODS
 
@@ -176,8 +177,7 @@ def draw(result: dict, out: Path) -> Path:
                 if v.get("mean") is None:
                     continue
                 lo, hi = v.get("ci95") or [v["mean"], v["mean"]]
-                ax.errorbar([x], [v["mean"]], yerr=[[v["mean"] - lo], [hi - v["mean"]]], fmt="o", capsize=4,
-                            color=colors[m])
+                point_and_interval(ax, [x], [v["mean"]], [lo], [hi], colors[m])
             # same seeds, prompts and base model for every method: one baseline, drawn as a band
             base = next((r["quality"]["baseline"].get(key) for r in done.values()
                          if r["quality"]["baseline"].get(key, {}).get("mean") is not None), None)
