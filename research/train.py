@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import random
 import resource
 import shutil
 import sys
@@ -265,7 +266,7 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
             else:
                 pix = torch.stack([preprocess(data.train[i].image, cfg.resolution, center_crop=cfg.center_crop,
                                               flip=cfg.random_flip and bool(torch.rand((), generator=g) < 0.5),
-                                              rng=__import__("random").Random(_mix(cfg.seed, k, i)))
+                                              rng=random.Random(_mix(cfg.seed, k, i)))
                                    for i in idx])
                 latents = encode_images(pix).float()
             noise = draw_noise(latents.shape, g)

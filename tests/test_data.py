@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 
 import numpy as np
 import pytest
@@ -89,5 +90,5 @@ def test_preprocess_resizes_crops_flips_to_minus_one_one():
     assert x.min() >= -1 and x.max() <= 1
     flipped = preprocess(image, 32, center_crop=True, flip=True)
     assert torch.allclose(flipped, x.flip(-1))
-    left = preprocess(image, 32, center_crop=False, rng=__import__("random").Random(0))
+    left = preprocess(image, 32, center_crop=False, rng=random.Random(0))
     assert left.shape == (3, 32, 32)

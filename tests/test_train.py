@@ -273,3 +273,12 @@ def test_metrics_figure_draws_an_interval_that_excludes_the_mean(tmp_path):
             for arm in ("baseline", "adapter")]
     out = report.draw(rows, tmp_path / "fid.png", "t")
     assert out.stat().st_size > 1000
+
+
+def test_random_crop_and_text_encoder_lora_paths(tiny_model, odd_style_dir, tmp_path):
+    """Without caching (random crops) and with LoRA on the text encoder, the same loop trains and saves."""
+    args = tiny_train_args(odd_style_dir, tiny_model, tmp_path, center_crop="false", train_text_encoder="true",
+                           checkpointing_steps=0)
+    assert main(args + ["--no-tracking"]) == 0
+    saved = load_file(only_run(tmp_path) / "checkpoints" / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("unet.") for k in saved)
