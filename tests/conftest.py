@@ -49,6 +49,8 @@ def odd_style_dir(tmp_path_factory) -> Path:
     Image.fromarray(_pattern(22)).convert("P").save(d / "palette.png")
     Image.fromarray(_pattern(23)[..., 0].astype(np.uint16) * 257).save(d / "sixteen.png")
     Image.fromarray(_pattern(24)).save(d / "photo.jpg")
+    Image.fromarray(_pattern(26)).save(d / "web.webp")
+    Image.fromarray(_pattern(27)).save(d / "bitmap.BMP")  # extensions match in any case
     Image.fromarray(_pattern(25, size=10)).save(d / "tiny.png")
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     (d / "notes.md").write_text("not an image, ignored")

@@ -16,7 +16,7 @@ from research.data import (DEFAULT_PROMPTS, GENERIC_PROMPTS, DataError, load_rgb
 
 
 def test_odd_modes_load_as_rgb(odd_style_dir):
-    for name in ["rgba.png", "grey.png", "palette.png", "sixteen.png", "photo.jpg"]:
+    for name in ["rgba.png", "grey.png", "palette.png", "sixteen.png", "photo.jpg", "web.webp", "bitmap.BMP"]:
         image = load_rgb(odd_style_dir / name)
         assert image.mode == "RGB" and image.size == (48, 48), name
 
@@ -38,7 +38,7 @@ def test_folder_skips_bad_files_with_named_warnings(odd_style_dir, caplog):
         folder = load_style_folder(odd_style_dir, resolution=64, holdout_fraction=0.25, seed=1)
     names = {e.path.name for e in folder.train + folder.heldout}
     assert "corrupt.png" not in names and "tiny.png" not in names and "notes.md" not in names
-    assert len(names) == 13
+    assert len(names) == 15
     assert "corrupt.png" in caplog.text and "tiny.png" in caplog.text
 
 
@@ -59,7 +59,7 @@ def test_split_is_seeded_and_disjoint(odd_style_dir):
     assert held == [e.path for e in b.heldout]
     assert held != [e.path for e in c.heldout]
     assert not set(held) & {e.path for e in a.train}
-    assert len(held) == round(13 * 0.3)
+    assert len(held) == round(15 * 0.3)
 
 
 def test_validation_prompts_file_and_defaults(odd_style_dir, tmp_path):
