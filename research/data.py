@@ -128,6 +128,14 @@ def load_style_folder(style_dir: str | Path, *, style_name: str = "", resolution
     return StyleFolder(name, train, heldout, prompts)
 
 
+def style_folder_for(cfg) -> StyleFolder:
+    """The style folder exactly as a run config reads it (same captions, same held-out split)."""
+    return load_style_folder(cfg.style_dir, style_name=cfg.style_name, resolution=cfg.resolution,
+                             caption_template=cfg.caption_template, trigger_word=cfg.trigger_word,
+                             holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
+                             validation_prompts_file=cfg.validation_prompts_file)
+
+
 def preprocess(image: Image.Image, resolution: int, *, center_crop: bool = True, flip: bool = False,
                rng: random.Random | None = None) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square, optionally flip; return CHW in [-1, 1]."""

@@ -86,7 +86,7 @@ def _mlflow_run_for(run_dir: Path):
 
 def main(argv: list[str] | None = None) -> int:
     from research.config import ConfigError, TrainConfig, add_config_arguments, apply_overrides
-    from research.data import DataError, load_style_folder
+    from research.data import DataError, style_folder_for
     from research.methods import get_method
     from research.models import ModelNotFoundError, load_pipeline, pick_device, pick_precision, weight_dtype
     from research.sample import sample_run
@@ -105,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(run_dir / "logs.txt")
     try:
         cfg = apply_overrides(TrainConfig.from_json_file(run_dir / "config.json"), args, EVAL_FLAGS)
-        data = load_style_folder(cfg.style_dir, style_name=cfg.style_name, resolution=cfg.resolution,
-                                 caption_template=cfg.caption_template, trigger_word=cfg.trigger_word,
-                                 holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
-                                 validation_prompts_file=cfg.validation_prompts_file)
+        data = style_folder_for(cfg)
         device = pick_device(cfg.device)
         pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
     except (ConfigError, DataError, ModelNotFoundError) as err:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from research.atomic import write_json
 from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
-from research.data import DataError, load_style_folder, preprocess, read_validation_prompts
+from research.data import DataError, preprocess, read_validation_prompts, style_folder_for
 from research.methods import Components, config_metadata, get_method
 from research.models import ModelNotFoundError, load_pipeline, pick_device, pick_precision, weight_dtype
 
@@ -124,10 +124,7 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
                               cpu=device.type == "cpu")
     device = accelerator.device
     torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
-    data = load_style_folder(cfg.style_dir, style_name=cfg.style_name, resolution=cfg.resolution,
-                             caption_template=cfg.caption_template, trigger_word=cfg.trigger_word,
-                             holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
-                             validation_prompts_file=cfg.validation_prompts_file)
+    data = style_folder_for(cfg)
     log.info("style %r: %d training images, %d held out for evaluation", data.name, len(data.train), len(data.heldout))
     base_dtype = weight_dtype(precision)  # frozen base in bf16/fp16 on GPU; trainable weights stay fp32
     c = Components.from_pipeline(load_pipeline(cfg.base_model, base_dtype))
@@ -403,7 +400,7 @@ class ValidationHook:
 # ─── the whole run: folder, tracking, train, sample, evaluate ───────────────────────────────
 def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None) -> Path:
     from research.sample import sample_run
-    from research.tracking import SUBDIRS, Tracker, new_run_dir, setup_logging, write_metrics
+    from research.tracking import SUBDIRS, Tracker, flatten_metrics, new_run_dir, setup_logging, write_metrics
 
     if not Path(cfg.style_dir).is_dir():  # fail before a run folder or MLflow run exists
         raise DataError(f"Style folder {cfg.style_dir} does not exist; pass a folder of images with --style-dir.")
@@ -428,8 +425,6 @@ def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None
         metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "cost": result.cost}
         metrics.update(_evaluate(cfg, samples, result.data, device))
         write_metrics(run_dir, metrics)
-        from research.tracking import flatten_metrics
-
         tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
         # large full-model checkpoints (DreamBooth's UNet) stay once, in the run folder; MLflow gets the
         # pointer file the method writes beside them instead of a second multi-GB copy
