@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -102,3 +103,16 @@ def test_oracle_meets_97_percent_on_fresh_renders():
     assert all(accuracy[h] >= 0.97 for h in HEADS), accuracy
     probs = oracle.predict_proba(torch.rand(2, 3, 80, 80))
     assert probs["colour"].shape == (2, 6) and torch.allclose(probs["shape"].sum(-1), torch.ones(2))
+
+
+def test_base_model_check_judges_the_shipped_model(tmp_path, capsys):
+    from research.toyworld.check import main
+
+    assert main(["--num-images", "4", "--json", str(tmp_path / "base.json")]) == 0
+    result = json.loads((tmp_path / "base.json").read_text())
+    assert sum(result["style_counts"].values()) == 4
+    assert result["plain"]["mean"] == result["style_counts"].get("plain", 0) / 4
+    # Content needs shape and colour both right, so it can never beat either head alone.
+    assert result["content"]["mean"] <= min(result["shape"]["mean"], result["colour"]["mean"])
+    assert all(r["n"] == 4 for k, r in result.items() if k != "style_counts")
+    assert "content:" in capsys.readouterr().out
