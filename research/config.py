@@ -75,6 +75,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     snr_gamma: float = 5.0  # min-SNR-gamma loss weighting; 5 is the paper's choice; 0 disables
     noise_offset: float = 0.0  # offset noise strength (0.05-0.1 helps very dark/bright images)
+    caption_dropout: float = 0.0  # share of captions swapped for the empty prompt, so the style also reaches the unconditional branch that guidance subtracts
     prediction_type: str = ""  # epsilon | v_prediction; empty = what the base model's scheduler says
     gradient_checkpointing: bool = False  # trade compute for activation memory
     cache_latents: bool = True  # encode images once with the frozen VAE instead of every step
@@ -165,6 +166,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{_flag(name)} must be a positive finite number, got {value}.")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ConfigError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}.")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}.")
         if self.resolution % 8:

@@ -149,8 +149,10 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     # tokenize captions exactly as the pipeline tokenizes prompts (a multi-vector TI token expands to its vectors)
     captions = TextualInversionLoaderMixin().maybe_convert_prompt([method.caption(e.caption) for e in data.train],
                                                                   c.tokenizer)
-    tokens = c.tokenizer(captions, padding="max_length", max_length=c.tokenizer.model_max_length,
+    # the empty prompt rides along as the last row: caption dropout points a sample at it
+    tokens = c.tokenizer(captions + [""], padding="max_length", max_length=c.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids.to(device)
+    empty_row = len(captions)
     cache_latents = cfg.cache_latents and cfg.center_crop  # a random crop differs every step
     vae_scale = c.vae.config.scaling_factor
 
@@ -278,10 +280,14 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
             noise, timesteps = noise.to(device), timesteps.to(device)
             with accelerator.accumulate(*trained_modules):
                 noisy = sched.add_noise(latents, noise, timesteps)
+                text_idx = torch.tensor(idx)
+                if cfg.caption_dropout:  # its own generator, so a run without dropout draws exactly as before
+                    g_drop = torch.Generator().manual_seed(_mix(cfg.seed, k, 13))
+                    text_idx[torch.rand(bsz, generator=g_drop) < cfg.caption_dropout] = empty_row
                 if text_cache is not None:
-                    hidden = text_cache[idx]
+                    hidden = text_cache[text_idx.to(text_cache.device)]
                 else:
-                    hidden = text_encoder(tokens[idx])[0]
+                    hidden = text_encoder(tokens[text_idx.to(device)])[0]
                 if extra is not None:
                     hidden = torch.cat([hidden, extra.hidden[extra_idx % len(extra.hidden)].to(hidden.dtype)])
                 with accelerator.autocast():

@@ -282,3 +282,31 @@ def test_random_crop_and_text_encoder_lora_paths(tiny_model, odd_style_dir, tmp_
     assert main(args + ["--no-tracking"]) == 0
     saved = load_file(only_run(tmp_path) / "checkpoints" / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("text_encoder.") for k in saved) and any(k.startswith("unet.") for k in saved)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_caption_dropout_trains_on_the_empty_prompt(tiny_model, odd_style_dir, tmp_path, monkeypatch, dropout):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        if self.training:  # training steps only, not the evaluation samples
+            seen.append(encoder_hidden_states.detach().clone())
+        return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    assert main(tiny_train_args(odd_style_dir, tiny_model, tmp_path, caption_dropout=dropout) + ["--no-tracking"]) == 0
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
+    ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    with torch.no_grad():
+        empty = CLIPTextModel.from_pretrained(tiny_model / "text_encoder")(ids)[0][0]
+    rows = torch.cat(seen)
+    assert len(rows) == 4 * 2  # 4 steps of batch 2
+    n_empty = sum(torch.allclose(row, empty, atol=1e-5) for row in rows)
+    if dropout:
+        assert 0 < n_empty < len(rows)
+    else:
+        assert n_empty == 0

@@ -55,10 +55,10 @@ class Recipe:
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6  # SD's VAE uses a tiny KL term: latents stay near-deterministic but bounded
     unet_images: int = 10_000  # plain only: ~75 layouts per training triple
-    unet_steps: int = 2_250
+    unet_steps: int = 9_000
     unet_batch: int = 32
     unet_lr: float = 1e-3
-    unet_ema: float = 0.995  # sampling quality of tiny diffusion models depends a lot on EMA weights
+    unet_ema: float = 0.999  # sampling quality of tiny diffusion models depends a lot on EMA weights
     unet_checkpoint_every: int = 250  # ship-ready pipeline written this often (long CPU runs can stop early)
     caption_dropout: float = 0.1  # empty caption this often, so classifier-free guidance works
     oracle_images: int = 24_000
