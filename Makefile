@@ -27,7 +27,7 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed ## create .venv with the pinned requirements (a no-op once done)
 
-$(TOY_DATA)/.done: $(VENV)/.installed
+$(TOY_DATA)/.done: $(VENV)/.installed research/toyworld/generate.py research/toyworld/scenes.py research/toyworld/styles.py
 	$(PY) -m research.toyworld.generate --out $(TOY_DATA)
 	touch $@
 

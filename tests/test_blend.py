@@ -50,6 +50,9 @@ def make_lora_run(folder: Path, model: Path, style_dir: Path, *, rank: int, alph
     return folder
 
 
+CONV = "to_q,to_k,to_v,to_out.0,conv1,conv2"
+
+
 @pytest.fixture(scope="module")
 def second_style_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("style_b") / "dotty"
@@ -66,7 +69,11 @@ def runs(tiny_model, odd_style_dir, second_style_dir, tmp_path_factory) -> dict[
     return {"a": make_lora_run(root / "inky", tiny_model, odd_style_dir, rank=4, alpha=8, seed=1),
             "b": make_lora_run(root / "dotty", tiny_model, second_style_dir, rank=2, alpha=1, seed=2),
             "q_only": make_lora_run(root / "qonly", tiny_model, odd_style_dir, rank=4, alpha=4, seed=3,
-                                    targets="to_q,to_v")}
+                                    targets="to_q,to_v"),
+            # the toy config also adapts the ResNet convs: 4-D kernels go through the same concatenation
+            "conv_a": make_lora_run(root / "conv_a", tiny_model, odd_style_dir, rank=4, alpha=8, seed=4, targets=CONV),
+            "conv_b": make_lora_run(root / "conv_b", tiny_model, second_style_dir, rank=2, alpha=1, seed=5,
+                                    targets=CONV)}
 
 
 def _render(pipe) -> np.ndarray:
@@ -125,6 +132,22 @@ def test_exported_blend_equals_set_adapters_and_the_ends_are_a_and_b(runs, tiny_
     kohya = load_file(tmp_path / "mix" / blend.KOHYA_NAME)
     alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
     assert alphas == {6.0}  # alpha = rank: the kohya loaders' scale is 1 too
+
+
+def test_exported_conv_blend_equals_set_adapters(runs, tiny_model, tmp_path):
+    a, b = blend.load_adapter(runs["conv_a"]), blend.load_adapter(runs["conv_b"])
+    assert any(a.tensors[m + blend.DOWN].dim() == 4 for m in a.modules)  # conv kernels are really adapted
+    blend.export_blend(a, b, 0.6, tmp_path / "mix")
+    pipe = _pipe(tiny_model)
+    base = _render(pipe)
+    for name in ("conv_a", "conv_b"):
+        pipe.load_lora_weights(str(runs[name] / "checkpoints"), weight_name=blend.WEIGHT_NAME, adapter_name=name)
+    pipe.set_adapters(["conv_a", "conv_b"], adapter_weights=[0.4, 0.6])
+    mixed = _render(pipe)
+    fresh = _pipe(tiny_model)
+    fresh.load_lora_weights(str(tmp_path / "mix"), weight_name=blend.WEIGHT_NAME)
+    assert np.abs(mixed - base).max() > 2e-2
+    assert np.abs(_render(fresh) - mixed).max() < 1e-3
 
 
 def test_mismatched_targets_are_one_sentence(runs, capsys):

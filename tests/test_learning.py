@@ -24,11 +24,11 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
-    from research.toyworld.generate import generate_style_folder
+    from research.toyworld.generate import IMAGES_PER_STYLE, generate_style_folder
 
     out = tmp_path_factory.mktemp("toy")
     for style in ["pastel", "vivid", "comic"]:
-        generate_style_folder(out, style, 96)
+        generate_style_folder(out, style, IMAGES_PER_STYLE)  # what `make data` writes
     return out
 
 

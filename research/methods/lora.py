@@ -63,7 +63,9 @@ class LoRA(Method):
         layers = {"unet": convert_state_dict_to_diffusers(get_peft_model_state_dict(c.unet))}
         if self.cfg.train_text_encoder:
             layers["text_encoder"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(c.text_encoder))
-        return {k: {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in v.items()}
+        # diffusers' converter renames attention layers only; name conv layers (and any other) the same way,
+        # so a file has one key scheme (load_lora_weights reads both, the blend and kohya export need one)
+        return {k: {_legacy_key(n): t.detach().to("cpu", torch.float32).contiguous() for n, t in v.items()}
                 for k, v in layers.items()}
 
     def save(self, c: Components, checkpoint_dir: Path, metadata: dict[str, str]) -> list[Path]:
@@ -94,6 +96,10 @@ class LoRA(Method):
     def load_into(self, pipe, checkpoint_dir: Path, scale: float = 1.0) -> None:
         pipe.load_lora_weights(str(checkpoint_dir), weight_name=self.weight_name, adapter_name=ADAPTER)
         pipe.set_adapters([ADAPTER], adapter_weights=[scale])
+
+
+def _legacy_key(name: str) -> str:
+    return name.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
 
 
 def to_kohya(diffusers_tensors: dict[str, torch.Tensor], lora_alpha: float) -> dict[str, torch.Tensor]:
