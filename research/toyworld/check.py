@@ -22,28 +22,30 @@ from research.toyworld.scenes import HELDOUT_SCENES, caption, parse_caption
 def judge_base_model(sd_dir: Path, oracle_dir: Path = ORACLE_DIR, num_images: int = 64, seed: int | None = None) -> dict:
     """Oracle verdicts on the base model's images of the held-out prompts, as {name: {mean, ci95, n}}."""
     from research.config import TOY_CONFIG, TrainConfig
+    from research.metrics.oracle import class_index, oracle_content_accuracy, oracle_style_accuracy
     from research.metrics.stats import summarize
     from research.models import load_pipeline, make_sampler
     from research.sample import generate, plan_jobs
     from research.toyworld.oracle import Oracle
 
-    toy = json.loads(TOY_CONFIG.read_text())
-    pipe = make_sampler(load_pipeline(str(sd_dir)), toy["sampler"])
+    cfg = TrainConfig.from_dict(json.loads(TOY_CONFIG.read_text()), source=str(TOY_CONFIG))
+    pipe = make_sampler(load_pipeline(str(sd_dir)), cfg.sampler)
     pipe.set_progress_bar_config(disable=True)
-    jobs = plan_jobs([caption(s) for s in HELDOUT_SCENES], num_images, toy.get("seed", TrainConfig.seed) if seed is None else seed)
-    images = generate(pipe, jobs, num_inference_steps=toy["num_inference_steps"], guidance_scale=toy["guidance_scale"],
-                      resolution=toy["resolution"], batch_size=toy.get("sample_batch_size", TrainConfig.sample_batch_size), desc="base model")
-    predicted = Oracle.from_pretrained(oracle_dir).predict(images)
+    jobs = plan_jobs([caption(s) for s in HELDOUT_SCENES], num_images, cfg.seed if seed is None else seed)
+    images = generate(pipe, jobs, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                      resolution=cfg.resolution, batch_size=cfg.sample_batch_size, desc="base model")
+    oracle = Oracle.from_pretrained(oracle_dir)
+    probs = {head: p.detach().cpu().numpy() for head, p in oracle.predict_proba(images).items()}
     scenes = [parse_caption(j.prompt) for j in jobs]
-    per_image = {
-        "content": [p_s == s.shape and p_c == s.colour for p_s, p_c, s in zip(predicted["shape"], predicted["colour"], scenes)],
-        "plain": [p == "plain" for p in predicted["style"]],
-        "shape": [p == s.shape for p, s in zip(predicted["shape"], scenes)],
-        "colour": [p == s.colour for p, s in zip(predicted["colour"], scenes)],
-        "background": [p == s.background for p, s in zip(predicted["background"], scenes)],
-    }
+    # the same per-image scores as a run's oracle_content_accuracy / oracle_style_accuracy
+    per_image = {"content": oracle_content_accuracy(probs, scenes, oracle.labels),
+                 "plain": oracle_style_accuracy(probs, "plain", oracle.labels)}
+    for head in ("shape", "colour", "background"):
+        truth = [class_index(head, getattr(s, head), oracle.labels) for s in scenes]
+        per_image[head] = probs[head].argmax(-1) == truth
     result = {name: summarize(v) for name, v in per_image.items()}
-    result["style_counts"] = {st: predicted["style"].count(st) for st in sorted(set(predicted["style"]))}
+    styles = [oracle.labels["style"][i] for i in probs["style"].argmax(-1)]
+    result["style_counts"] = {st: styles.count(st) for st in sorted(set(styles))}
     return result
 
 
