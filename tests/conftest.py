@@ -6,6 +6,7 @@ the same code a user runs.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -76,3 +77,12 @@ def tiny_train_args(style_dir: Path, model: Path, out: Path, **overrides) -> lis
     for key, value in values.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
+
+
+def load_report(name: str):
+    """A report script (reports/<name>.py) imported as a module; reports/ is scripts, not a package."""
+    path = Path(__file__).resolve().parent.parent / "reports" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,12 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import load_report
 from research import blend
 from research.atomic import write_json
 from research.config import TrainConfig
 from research.random_models import write_tiny_clip
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def one_line_error(stderr: str, fragment: str) -> bool:
@@ -220,9 +219,7 @@ def test_blend_figure_draws_from_mlflow(blend_run, tmp_path, monkeypatch):
     import mlflow
 
     out, _ = blend_run
-    spec = importlib.util.spec_from_file_location("blend_figure", REPO / "reports" / "blend_figure.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_report("blend_figure")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     png = tmp_path / "blend.png"
     assert report.main(["--out", str(png)]) == 0

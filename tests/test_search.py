@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import tiny_train_args
+from conftest import load_report, tiny_train_args
 from research import search
 from research import train as train_module
 from research.random_models import write_tiny_clip
 
-REPO = Path(__file__).resolve().parent.parent
 STUDY = "inky_search"
 
 
@@ -138,9 +136,7 @@ def test_search_figure_draws_from_mlflow(study_dir, tmp_path, monkeypatch):
     from PIL import Image
 
     out, _ = study_dir
-    spec = importlib.util.spec_from_file_location("search_figure", REPO / "reports" / "search_figure.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_report("search_figure")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     png = tmp_path / "search.png"
     assert report.main(["--study-name", STUDY, "--out", str(png)]) == 0

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import tiny_train_args
+from conftest import load_report, tiny_train_args
 from research.random_models import write_tiny_clip
 from research import train as train_module
 from research.train import main
@@ -240,14 +240,10 @@ def test_validation_images_are_logged_with_their_step(tiny_model, odd_style_dir,
 
 
 def test_metrics_figure_reads_mlflow_and_draws(finished_run, tmp_path, monkeypatch):
-    import importlib.util
-
     import mlflow
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("metrics_figure", REPO / "reports" / "metrics_figure.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_report("metrics_figure")
     uri = f"sqlite:///{finished_run.parent.parent / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     rows = report.load_rows("test")
@@ -264,11 +260,8 @@ def test_metrics_figure_reads_mlflow_and_draws(finished_run, tmp_path, monkeypat
 
 def test_metrics_figure_draws_an_interval_that_excludes_the_mean(tmp_path):
     """FID's bootstrap interval on small sets can lie above the point estimate; the figure still draws."""
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("metrics_figure", REPO / "reports" / "metrics_figure.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_report("metrics_figure")
     rows = [dict(run="r", run_id="x", start=0, arm=arm, metric="fid", mean=99.0, lo=112.0, hi=146.0, n=64)
             for arm in ("baseline", "adapter")]
     out = report.draw(rows, tmp_path / "fid.png", "t")
