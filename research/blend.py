@@ -37,6 +37,7 @@ from research.atomic import atomic_path, save_image, write_json
 from research.config import ConfigError, TrainConfig, add_config_arguments, apply_overrides
 from research.data import DataError
 from research.methods.lora import LoRA, to_kohya
+from research.metrics.stats import Design, summarize
 from research.models import ModelNotFoundError
 
 log = logging.getLogger("research")
@@ -98,7 +99,10 @@ def load_adapter(path: str | Path) -> Adapter:
     run_config = folder.parent / "config.json" if folder.name == "checkpoints" else folder / "config.json"
     values = (json.loads(run_config.read_text()) if run_config.is_file()
               else json.loads(meta.get("research_config", "{}")))
-    cfg = TrainConfig.from_dict(values, source=str(run_config)) if values else TrainConfig()
+    if not values:  # without its config the adapter's style, data and base model are unknown: no guessing
+        raise BlendError(f"{path} has neither config.json nor a config in its adapter metadata; blend adapters "
+                         "saved by research.train.")
+    cfg = TrainConfig.from_dict(values, source=str(run_config))
     if cfg.method != "lora" or meta.get("research_method", "lora") != "lora":
         raise BlendError(f"{path} holds a {cfg.method} run; only LoRA adapters are blended as weight deltas.")
     label = cfg.resolved_run_name()
@@ -258,63 +262,77 @@ def _references(x: Adapter) -> list[Image.Image] | None:
     return [e.image for e in data.heldout]
 
 
-def evaluate_blend(cfg: TrainConfig, images: dict[float, list[Image.Image]], prompts: list[str],
-                   a: Adapter, b: Adapter) -> dict:
+def evaluate_blend(cfg: TrainConfig, images: dict[float, list[Image.Image]], jobs, a: Adapter, b: Adapter) -> dict:
     """{"t_0.50": {"clip_score": {...}, "style_similarity_a": {...}, "oracle_style_prob_b": {...}}, ...}.
 
-    Metrics against one style are computed for A's and for B's (suffix _a, _b); the rest once.
+    Backbones load once and every image set's features are extracted once; metrics against one style
+    are then scored against A's and against B's references (suffix _a, _b), the rest once.
     """
     from research.evaluate import metric_names
-    from research.metrics import MissingWeightsError, compute_metrics, load_clip
-    from research.metrics.oracle import class_index
-    from research.metrics.stats import summarize
+    from research.metrics import (MissingWeightsError, image_features, load_backbones, metric_interval,
+                                  metric_replicates)
+    from research.metrics.features import clip_text_features
+    from research.models import pick_device
 
     names = metric_names(cfg)
     if not names:
         return {}
-    from research.models import pick_device
-
-    device = str(pick_device(cfg.device))
-    sides = {"a": (a, _references(a)), "b": (b, _references(b))}
     try:
-        clip = load_clip(cfg.clip_model, device) if {"clip_score", "style_similarity"} & set(names) or \
-            cfg.feature_extractor == "clip" else cfg.clip_model
-        oracle = None
-        if cfg.oracle:
-            from research.toyworld.oracle import Oracle  # toy-world only; imported when asked for
-
-            oracle = Oracle.from_pretrained(cfg.oracle).to(device)
-        common = dict(clip_model=clip, inception_weights=cfg.inception_weights or None,
-                      lpips_weights=cfg.lpips_weights or None, oracle=oracle, feature_extractor=cfg.feature_extractor,
-                      device=device, seed=cfg.seed, progress=False)
-        results = {}
-        for t, imgs in images.items():
-            out = {}
-            shared = [m for m in names if m not in PER_STYLE]
-            if shared:
-                out.update(compute_metrics(imgs, None, prompts, [], metrics=shared, **common)["adapter"])
-            for side, (x, refs) in sides.items():
-                wanted = [m for m in names if m in PER_STYLE and (refs is not None or m == "oracle_style_accuracy")]
-                if wanted:
-                    got = compute_metrics(imgs, None, prompts, refs or [], metrics=wanted,
-                                          target_style=x.cfg.resolved_style_name(), **common)["adapter"]
-                    out.update({f"{m}_{side}": v for m, v in got.items()})
-            if oracle is not None:
-                # the oracle's probability of each style: the "does the mix move smoothly" curve
-                style_probs = oracle.predict_proba(imgs)["style"].numpy()
-                for side, (x, _) in sides.items():
-                    try:
-                        index = class_index("style", x.cfg.resolved_style_name(), oracle.labels)
-                    except ValueError as err:
-                        log.warning("%s", err)
-                        continue
-                    out[f"oracle_style_prob_{side}"] = dict(summarize(style_probs[:, index], seed=cfg.seed),
-                                                            backbone="oracle")
-            results[t_label(t)] = out
-        return results
-    except (MissingWeightsError, ValueError) as err:
+        bk = load_backbones(names, clip_model=cfg.clip_model, inception_weights=cfg.inception_weights or None,
+                            lpips_weights=cfg.lpips_weights or None, oracle=cfg.oracle or None,
+                            feature_extractor=cfg.feature_extractor, device=str(pick_device(cfg.device)), seed=cfg.seed)
+    except MissingWeightsError as err:
         log.error("evaluation skipped: %s", err)  # the images are kept; the fix is in the message
         return {"evaluation_error": str(err)}
+    design = Design.of([j.prompt for j in jobs], [j.seed for j in jobs])
+    sides = {side: _side(bk, x, design) for side, x in (("a", a), ("b", b))}
+    text = clip_text_features(bk.clip, [j.prompt for j in jobs]) if "clip_score" in bk.metrics else None
+    results = {}
+    for t, imgs in images.items():
+        feats = image_features(bk, imgs, t_label(t), progress=False)
+        out = {}
+        for m in bk.metrics:
+            if m not in PER_STYLE:
+                r, extras = metric_replicates(bk, m, feats, None, design, text)
+                out[m] = {**metric_interval(m, r), **extras}
+                continue
+            for side, s in sides.items():
+                if s.design is not None and (m != "oracle_style_accuracy" or s.style_index is not None):
+                    r, extras = metric_replicates(bk, m, feats, s.references, s.design, text, s.style)
+                    out[f"{m}_{side}"] = {**metric_interval(m, r), **extras}
+        for side, s in sides.items():
+            if "oracle" in feats and s.style_index is not None:
+                # the oracle's probability of each style: the "does the mix move smoothly" curve
+                out[f"oracle_style_prob_{side}"] = dict(summarize(
+                    feats["oracle"]["style"][:, s.style_index], design.prompts, design.seeds, (0.0, 1.0)),
+                    backbone="oracle")
+        results[t_label(t)] = out
+    return results
+
+
+@dataclass
+class _Side:
+    style: str
+    style_index: int | None  # the style's oracle class, None without an oracle or when it has no such class
+    references: dict | None  # reference features
+    design: Design | None  # the evaluation design with this side's reference count; None without references
+
+
+def _side(bk, x: Adapter, design: Design) -> _Side:
+    from research.metrics import image_features
+    from research.metrics.oracle import class_index
+
+    style, index = x.cfg.resolved_style_name(), None
+    if bk.oracle is not None:
+        if style in bk.oracle.labels.get("style", []):
+            index = class_index("style", style, bk.oracle.labels)
+        else:
+            log.warning("the oracle has no style %r (adapter %s); its oracle metrics are skipped", style, x.label)
+    refs = _references(x)
+    if refs is None:
+        return _Side(style, index, None, None)
+    feats = image_features(bk, refs, f"references {x.label}", references=True, progress=False)
+    return _Side(style, index, feats, dataclasses.replace(design, n_reference=len(refs)))
 
 
 # ─── the whole run ──────────────────────────────────────────────────────────────────────────
@@ -367,7 +385,7 @@ def run_blend(a_path: str, b_path: str, weights: list[float], export_weight: flo
                 save_set(imgs, jobs, run_dir / t_label(t))
             write_grids(images, jobs, run_dir / "thumbnails")
             metrics["n_images"] = len(jobs)
-            metrics.update(evaluate_blend(cfg, images, [j.prompt for j in jobs], a, b))
+            metrics.update(evaluate_blend(cfg, images, jobs, a, b))
         write_json(run_dir / "metrics.json", metrics)
         per_t = {k: v for k, v in metrics.items() if k.startswith("t_")}
         tracker.log_metrics(flatten_metrics(per_t))  # t_0.50.style_similarity_a: one column per t in the UI
@@ -423,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 export = float(args.export_weight)
             except ValueError:
-                raise ConfigError(f"--export-weight must be a number like 0.5, got {args.export_weight!r}.") from None
+                export = float("nan")
+            if not math.isfinite(export):
+                raise ConfigError(f"--export-weight must be a finite number like 0.5, got {args.export_weight!r}.")
         if not weights and export is None:
             raise ConfigError("Nothing to do: pass --weights to sample or --export-weight to write a blended adapter.")
         run_dir = run_blend(args.adapter_a, args.adapter_b, weights, export, args, track=not args.no_tracking)

@@ -28,10 +28,10 @@ def metric_names(cfg) -> list[str]:
 
 
 def evaluate_samples(cfg, samples: dict, references: list, device) -> dict:
-    """{"adapter": {...}, "baseline": {...}} for the images sample_run produced.
+    """{"adapter": {...}, "baseline": {...}, "delta": {...}} for the images sample_run produced.
 
-    A missing metric backbone does not throw away a trained adapter: the error goes into the
-    result (and the log) as one sentence with its fix.
+    A missing metric backbone does not throw away a trained adapter: that one error goes into the
+    result (and the log) as one sentence with its fix. Any other error is a bug and propagates.
     """
     names = metric_names(cfg)
     if not names:
@@ -41,29 +41,48 @@ def evaluate_samples(cfg, samples: dict, references: list, device) -> dict:
     prompts = [job.prompt for job in samples["jobs"]]
     try:
         return compute_metrics(samples["adapter"], samples["baseline"], prompts, references, metrics=names,
+                               seeds=[job.seed for job in samples["jobs"]],
                                clip_model=cfg.clip_model, inception_weights=cfg.inception_weights or None,
                                lpips_weights=cfg.lpips_weights or None, oracle=cfg.oracle or None,
                                target_style=cfg.resolved_style_name(), feature_extractor=cfg.feature_extractor,
                                device=str(device), seed=cfg.seed)
-    except (MissingWeightsError, ValueError) as err:
+    except MissingWeightsError as err:
         log.error("evaluation skipped: %s", err)
         return {"evaluation_error": str(err)}
 
 
+HEADLINE_ORDER = ("kid", "fid")  # KID is unbiased at any n: it leads; FID follows, read with its bias in mind
+
+
+def _cell(v: dict | None, signed: bool = False) -> str:
+    if not v or v.get("mean") is None:
+        return "-"
+    lo, hi = v.get("ci95", [None, None])
+    fmt = "+.3f" if signed else ".3f"
+    ci = f" [{lo:{fmt}},{hi:{fmt}}]" if lo is not None and lo == lo else " [no interval]"
+    return f"{v['mean']:{fmt}}{ci}"
+
+
+def _verdict(d: dict) -> str:
+    """↑/↓: which direction is better; * when the paired interval excludes zero."""
+    arrow = "↑" if d.get("better") == "higher" else "↓"
+    lo, hi = d.get("ci95", [float("nan")] * 2)
+    return arrow + ("*" if lo == lo and (lo > 0 or hi < 0) else " ")
+
+
 def format_table(metrics: dict) -> str:
-    """A short adapter-vs-baseline table for the console."""
-    rows = [f"{'metric':<26}{'baseline':>26}{'adapter':>26}{'n':>6}"]
-    for name, value in metrics.get("adapter", {}).items():
-        base = metrics.get("baseline", {}).get(name, {})
-
-        def cell(v):
-            if not v or v.get("mean") is None:
-                return "-"
-            lo, hi = v.get("ci95", [None, None])
-            ci = f" [{lo:.2f},{hi:.2f}]" if lo is not None and lo == lo else ""
-            return f"{v['mean']:.3f}{ci}"
-
-        rows.append(f"{name:<26}{cell(base):>26}{cell(value):>26}{value.get('n', ''):>6}")
+    """Baseline, adapter and the paired difference adapter − baseline, each with its 95% interval."""
+    adapter, baseline, delta = (metrics.get(k, {}) for k in ("adapter", "baseline", "delta"))
+    names = sorted(adapter, key=lambda m: (m not in HEADLINE_ORDER, HEADLINE_ORDER.index(m) if m in HEADLINE_ORDER else 0))
+    rows = [f"{'metric':<24}{'baseline':>28}{'adapter':>28}{'adapter - baseline':>30}{'n':>5}"]
+    for name in names:
+        d = delta.get(name)
+        verdict = _verdict(d) if d else "  "
+        rows.append(f"{name:<24}{_cell(baseline.get(name)):>28}{_cell(adapter[name]):>28}"
+                    f"{_cell(d, signed=True):>28} {verdict}{adapter[name].get('n', ''):>5}")
+    if delta:
+        rows.append("intervals: 95%, jackknife over prompts, seeds and references; ↑/↓ better direction; "
+                    "* the paired interval excludes 0")
     cost = metrics.get("cost", {})
     if cost:
         rows.append(f"cost: {cost.get('train_seconds', 0):.1f} s training, {cost.get('steps_per_second', 0):.2f} steps/s, "
@@ -113,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     samples = sample_run(run_dir, cfg, get_method(cfg), prompts=data.validation_prompts, base_pipe=pipe)
     old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
-    metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "cost": old.get("cost", {})}
+    metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "delta": {}, "cost": old.get("cost", {})}
     metrics.update(evaluate_samples(cfg, samples, [e.image for e in data.heldout], device))
     write_metrics(run_dir, metrics)
     run_id = _mlflow_run_for(run_dir)

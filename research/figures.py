@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 
 def point_and_interval(ax, xs, means, los, his, color, label=None) -> None:
-    """A point per mean and a vertical line from lo to hi.
+    """A point per mean with its 95% interval as an error bar (no bar where there is no interval).
 
-    Not matplotlib's errorbar: a bootstrap percentile interval of a biased statistic (FID on small
-    sets) may lie entirely above the point estimate, and errorbar cannot draw that honestly.
+    Every interval contains its estimate (research/metrics/stats.py), so the asymmetric error bar is
+    simply the distance from the point to each end.
     """
-    xs, means, los, his = list(xs), list(means), list(los), list(his)
-    ax.vlines(xs, los, his, color=color, linewidth=1.5)
-    ax.hlines(los + his, [x - 0.05 for x in xs] * 2, [x + 0.05 for x in xs] * 2, color=color, linewidth=1.5)
-    ax.plot(xs, means, "o", color=color, label=label)
+    means, los, his = (np.asarray(v, dtype=float) for v in (means, los, his))
+    below, above = np.nan_to_num(means - los), np.nan_to_num(his - means)
+    if (below < 0).any() or (above < 0).any():
+        raise ValueError("An interval does not contain its estimate; metrics.json was not written by this version.")
+    ax.errorbar(list(xs), means, yerr=[below, above], fmt="o", color=color, capsize=3, label=label)

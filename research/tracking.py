@@ -10,6 +10,7 @@ used instead of a new one.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -68,18 +69,21 @@ def setup_logging(log_file: Path | None = None) -> None:
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """{"adapter": {"fid": {"mean": 3}}} -> {"adapter.fid": 3}: MLflow keys mirror metrics.json."""
+    """{"delta": {"fid": {"mean": -3, "ci95": [-5, -1]}}} -> {"delta.fid": -3, "delta.fid.ci95_lo": -5,
+    "delta.fid.ci95_hi": -1}: MLflow keys mirror metrics.json (non-finite values are left out)."""
     flat = {}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             if "mean" in value:
                 flat[name] = float(value["mean"])
+                for bound, x in zip(("ci95_lo", "ci95_hi"), value.get("ci95") or ()):
+                    flat[f"{name}.{bound}"] = float(x)
             else:
                 flat.update(flatten_metrics(value, name + "."))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[name] = float(value)
-    return flat
+    return {k: v for k, v in flat.items() if math.isfinite(v)}
 
 
 class Tracker:

@@ -428,7 +428,7 @@ def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None
         del result.components
         pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
         samples = sample_run(run_dir, cfg, result.method, prompts=result.data.validation_prompts, base_pipe=pipe)
-        metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "cost": result.cost}
+        metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "delta": {}, "cost": result.cost}
         metrics.update(_evaluate(cfg, samples, result.data, device))
         write_metrics(run_dir, metrics)
         tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))

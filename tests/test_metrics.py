@@ -7,16 +7,17 @@ from collections import namedtuple
 import numpy as np
 import pytest
 import torch
-from cleanfid.fid import frechet_distance
+from cleanfid.fid import frechet_distance, kernel_distance
 
 from research.bench_eval import synthetic_images, write_tiny_clip
 from research.metrics import METRICS, compute_metrics
 from research.metrics.alignment import clip_score, style_similarity
 from research.metrics.backbones import MissingWeightsError, load_clip, load_inception, load_lpips
-from research.metrics.distribution import _fid_by_svd, fid, fid_report, inception_score, kid_report, kid_subsets
+from research.metrics.distribution import (_fid_by_svd, fid, fid_statistic, inception_score,
+                                           inception_score_statistic, kid, kid_statistic)
 from research.metrics.diversity import lpips_distance, lpips_diversity
 from research.metrics.oracle import oracle_content_accuracy, oracle_style_accuracy
-from research.metrics.stats import summarize
+from research.metrics.stats import Design, interval, mean_statistic, replicate, summarize
 
 Scene = namedtuple("Scene", "shape colour background")
 ORACLE_CLASSES = {"style": ["pastel", "vivid", "comic"], "shape": ["cube", "ball"], "colour": ["red", "blue"],
@@ -52,9 +53,10 @@ def test_fid_of_small_sets_matches_clean_fid_on_full_covariances():
     a, b = rng.standard_normal((40, 64)), rng.standard_normal((40, 64)) + 0.3
     full = frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
     assert fid(a, b) == pytest.approx(full, rel=1e-4)
-    assert _fid_by_svd(a, b) == pytest.approx(full, rel=1e-4)  # the bootstrap draws' shortcut
-    report = fid_report(a, b, n_boot=20)
-    assert report["unreliable"] is True and report["n"] == 40 and report["ci95"][0] <= report["ci95"][1]
+    assert _fid_by_svd(a, b) == pytest.approx(full, rel=1e-4)  # the jackknife's shortcut
+    statistic = fid_statistic(a, b)
+    assert statistic(np.arange(40), np.arange(40)) == pytest.approx(full, rel=1e-4)
+    assert statistic(np.arange(30), np.arange(5, 40)) == pytest.approx(fid(a[:30], b[5:]), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- KID
@@ -68,22 +70,26 @@ def unbiased_mmd2_cubic(x, y):
             - 2 * kxy.mean())
 
 
-def test_kid_matches_unbiased_mmd_and_separates_shifted_sets():
+def test_kid_matches_unbiased_mmd_and_clean_fid():
     rng = np.random.default_rng(3)
-    a, b, shifted = (rng.standard_normal((150, 16)), rng.standard_normal((150, 16)),
-                     rng.standard_normal((150, 16)) + 1.0)
-    # equal sizes: every subset is the whole set, so the subset mean is the full-set unbiased estimate
-    assert kid_subsets(a, shifted, num_subsets=3).mean() == pytest.approx(unbiased_mmd2_cubic(a, shifted), rel=1e-9)
-    same, apart = kid_report(a, b), kid_report(a, shifted)
-    assert abs(same["mean"]) < 0.1 * apart["mean"]
-    assert apart["ci95"][0] > 0 and same["ci95"][0] <= 0 <= same["ci95"][1] + 1e-3
+    a, shifted = rng.standard_normal((150, 16)), rng.standard_normal((120, 16)) + 1.0
+    assert kid(a, shifted) == pytest.approx(unbiased_mmd2_cubic(a, shifted), rel=1e-9)
+    # equal sizes: clean-fid's subsets are the whole sets, so its KID is the same number
+    b = shifted[:100]
+    assert kid(a[:100], b) == pytest.approx(kernel_distance(a[:100], b, num_subsets=1, max_subset_size=100), rel=1e-9)
+    keep_a, keep_b = np.arange(0, 150, 2), np.arange(10, 120)
+    assert kid_statistic(a, shifted)(keep_a, keep_b) == pytest.approx(kid(a[keep_a], shifted[keep_b]), rel=1e-9)
 
 
-def test_kid_works_on_five_images():
+def test_kid_separates_shifted_sets_and_works_on_five_images():
     rng = np.random.default_rng(4)
-    report = kid_report(rng.standard_normal((5, 8)), rng.standard_normal((7, 8)))
-    assert report["n"] == 5 and report["subset_size"] == 5 and np.isfinite(report["mean"]) and np.isfinite(report["std"])
-    assert report["ci95"][0] <= report["mean"] <= report["ci95"][1]
+    a, b, shifted = rng.standard_normal((64, 8)), rng.standard_normal((64, 8)), rng.standard_normal((64, 8)) + 1.0
+    design = Design.of(np.repeat(np.arange(16), 4), np.tile(np.arange(4), 16), 64)
+    same = interval(replicate(kid_statistic(a, b), design, uses_references=True))
+    apart = interval(replicate(kid_statistic(a, shifted), design, uses_references=True))
+    assert apart["ci95"][0] > 0 and same["ci95"][0] <= 0 <= same["ci95"][1]
+    tiny = interval(replicate(kid_statistic(a[:5], b[:7]), Design.of(range(5), None, 7), uses_references=True))
+    assert tiny["n"] == 5 and tiny["n_reference"] == 7 and tiny["ci95"][0] <= tiny["mean"] <= tiny["ci95"][1]
 
 
 # ----------------------------------------------------------------------------- IS
@@ -157,16 +163,88 @@ def test_lpips_loads_a_local_alexnet_trunk(tmp_path):
     assert torch.equal(getattr(model.net.slice5, "10").bias, state["features.10.bias"]) and "alexnet.safetensors" in label
 
 
-# ----------------------------------------------------------------------------- bootstrap
+# ----------------------------------------------------------------------------- intervals (stats.py)
 
-def test_bootstrap_interval_covers_the_true_mean_at_about_the_nominal_rate():
-    rng = np.random.default_rng(6)
-    true_mean, hits, reps = 1.0, 0, 200
-    for rep in range(reps):
-        sample = rng.exponential(true_mean, size=60)  # skewed, like per-image scores
-        lo, hi = summarize(sample, n_boot=1000, seed=rep)["ci95"]
-        hits += lo <= true_mean <= hi
-    assert 0.88 <= hits / reps <= 0.99
+PROMPTS, SEEDS = np.repeat(np.arange(16), 4), np.tile(np.arange(4), 16)  # the toy evaluation: 16 prompts × 4 seeds
+
+
+def test_mean_interval_without_clusters_is_the_t_interval():
+    from scipy import stats as st
+
+    x = np.random.default_rng(5).exponential(1.0, size=30)
+    got = summarize(x)
+    half = st.t.ppf(0.975, 29) * x.std(ddof=1) / np.sqrt(30)
+    np.testing.assert_allclose(got["ci95"], [x.mean() - half, x.mean() + half], rtol=1e-9)
+    assert got["n"] == 30 and got["interval"] == "jackknife:prompt"
+
+
+def crossed_arms(rng, d: int = 1):
+    """Both arms share prompt and seed effects (same prompts, same starting noise); the adapter is shifted."""
+    u, v = rng.standard_normal((16, d)) * 0.5, rng.standard_normal((4, d)) * 0.3
+    base = u[PROMPTS] + v[SEEDS]
+    shift = np.r_[0.4, 0.2, np.zeros(d - 2)] if d > 2 else 0.4
+    adapter = base + 0.8 * rng.standard_normal((64, d)) + shift
+    baseline = base + 0.8 * rng.standard_normal((64, d))
+    return adapter, baseline, rng.standard_normal((48, d)) + 0.5
+
+
+def coverage(make_statistic, uses_references: bool, reps: int, seed: int, truth: float | None = None,
+             truth_reps: int = 2000, d: int = 1) -> float:
+    """Share of paired-difference intervals (adapter − baseline) that cover the true difference.
+
+    truth None: the true difference of the statistic at this set size, by Monte Carlo over the same
+    data-generating process (FID and IS are biased at small n; their estimand is the value at this n).
+    """
+    rng = np.random.default_rng(seed)
+    full = np.arange(64), np.arange(48)
+    if truth is None:
+        draws = [crossed_arms(rng, d) for _ in range(truth_reps)]
+        truth = np.mean([make_statistic(a, r)(*full) - make_statistic(b, r)(*full) for a, b, r in draws])
+    design = Design.of(PROMPTS, SEEDS, 48)
+    hits = 0
+    for _ in range(reps):
+        a, b, r = crossed_arms(rng, d)
+        diff = replicate(make_statistic(a, r), design, uses_references) - replicate(make_statistic(b, r), design, uses_references)
+        lo, hi = interval(diff)["ci95"]
+        hits += lo <= truth <= hi
+    return hits / reps
+
+
+def test_paired_mean_difference_covers_the_truth_at_about_the_nominal_rate():
+    rate = coverage(lambda x, r: mean_statistic(x[:, 0]), False, reps=400, seed=6, truth=0.4)
+    assert 0.91 <= rate <= 0.985
+
+
+@pytest.mark.parametrize("name, make", [("fid", fid_statistic), ("kid", kid_statistic)])
+def test_paired_set_metric_difference_covers_the_truth_at_about_the_nominal_rate(name, make):
+    # no exemptions: FID's small-set bias is part of its estimand, so its interval must cover too
+    rate = coverage(make, True, reps=150, seed=7, truth_reps=600, d=4)
+    assert 0.89 <= rate <= 0.995, name
+
+
+def test_paired_inception_score_difference_covers_the_truth():
+    def probs(x, r):  # a 5-class softmax of the features: IS of a made-up classifier
+        logits = np.concatenate([x, -x, 0 * x[:, :1]], axis=1) * 2
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return inception_score_statistic(p / p.sum(1, keepdims=True))
+    rate = coverage(probs, False, reps=150, seed=8, truth_reps=600, d=2)
+    assert 0.89 <= rate <= 0.995
+
+
+def test_every_interval_contains_its_estimate_even_when_the_metric_is_biased():
+    rng = np.random.default_rng(9)
+    design = Design.of(PROMPTS, SEEDS, 48)
+    for _ in range(20):
+        a, b, r = crossed_arms(rng, d=4)
+        for make in (fid_statistic, kid_statistic):
+            for rep in (replicate(make(a, r), design, True), replicate(make(a, r), design, True) - replicate(make(b, r), design, True)):
+                got = interval(rep, bounds=(0.0, np.inf) if make is fid_statistic and rep.full >= 0 else (-np.inf, np.inf))
+                assert got["ci95"][0] <= got["mean"] <= got["ci95"][1]
+
+
+def test_an_interval_without_spread_to_measure_is_marked():
+    got = summarize([0.5])
+    assert np.isnan(got["ci95"]).all() and got["unreliable"] is True
 
 
 # ----------------------------------------------------------------------------- oracle metrics
@@ -233,21 +311,35 @@ def test_compute_metrics_end_to_end(tiny_clip, tmp_path):
     Oracle(labels, width=8).save_pretrained(tmp_path / "oracle")
     prompts = ["a red circle on a green hill, pastel style" if i < 8 else "a cat photo" for i in range(12)]
     timings = {}
-    result = compute_metrics(synthetic_images(12, 1), synthetic_images(12, 2), prompts, synthetic_images(6, 3),
+    seeds = [i % 4 for i in range(12)]  # 3 prompts (2 scenes, 1 outside the grammar) × 4 seeds
+    prompts = [f"a red circle on a green hill, pastel style{' ' * (i // 4)}" if i < 8 else "a cat photo" for i in range(12)]
+    adapter, baseline = synthetic_images(12, 1), synthetic_images(12, 2)
+    result = compute_metrics(adapter, baseline, prompts, synthetic_images(6, 3), seeds=seeds,
                              clip_model=tiny_clip, lpips_weights="random", oracle=str(tmp_path / "oracle"),
-                             target_style="pastel", feature_extractor="clip", progress=False, n_boot=200,
-                             set_n_boot=10, timings=timings)
-    assert set(result) == {"adapter", "baseline"}
-    for arm in result.values():
-        assert set(arm) == set(METRICS)
-        for name, m in arm.items():
+                             target_style="pastel", feature_extractor="clip", progress=False, timings=timings)
+    assert set(result) == {"adapter", "baseline", "delta"}
+    for arm in ("adapter", "baseline"):
+        assert set(result[arm]) == set(METRICS)
+        for name, m in result[arm].items():
             assert len(m["ci95"]) == 2 and isinstance(m["mean"], float), name
-            assert m["ci95"][0] <= m["mean"] + 1e-9 or name == "fid", name  # bootstrapped FID is biased upward
-        assert arm["clip_score"]["n"] == arm["style_similarity"]["n"] == arm["fid"]["n"] == 12
-        assert arm["fid"]["unreliable"] is True and arm["fid"]["backbone"].startswith("clip:")
-        assert arm["lpips_diversity"]["n"] == 2 and arm["oracle_content_accuracy"]["n"] == 8  # "a cat photo" has no scene
-        assert arm["inception_score"]["backbone"].startswith("oracle")
-    assert "features:clip" in timings
+            assert m["ci95"][0] <= m["mean"] <= m["ci95"][1], name  # every interval contains its estimate
+        a = result[arm]
+        assert a["clip_score"]["n"] == a["style_similarity"]["n"] == a["fid"]["n"] == 12
+        assert a["fid"]["unreliable"] is True and a["fid"]["backbone"].startswith("clip:")
+        assert a["lpips_diversity"]["n"] == 12 and a["oracle_content_accuracy"]["n_scored"] == 8  # "a cat photo": no scene
+        assert a["inception_score"]["backbone"].startswith("oracle")
+        assert a["kid"]["interval"] == "jackknife:prompt+seed+reference"
+    for name, d in result["delta"].items():
+        assert d["mean"] == pytest.approx(result["adapter"][name]["mean"] - result["baseline"][name]["mean"]), name
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1] and d["better"] in ("higher", "lower"), name
+    assert result["delta"]["fid"]["better"] == "lower"
+    # the same images as both arms: every paired difference is exactly zero, with a zero-width interval
+    same = compute_metrics(adapter, adapter, prompts, synthetic_images(6, 3), seeds=seeds, clip_model=tiny_clip,
+                           lpips_weights="random", metrics=["clip_score", "kid", "lpips_diversity"],
+                           feature_extractor="clip", progress=False)
+    for name, d in same["delta"].items():
+        assert d["mean"] == 0 and d["ci95"] == [0, 0], name
+    assert "features" in timings and "kid" in timings
     with pytest.raises(ValueError, match="no class named 'ghibli'"):
         compute_metrics(synthetic_images(2, 1), None, prompts[:2], [], metrics=["oracle_style_accuracy"],
                         clip_model=tiny_clip, oracle=str(tmp_path / "oracle"), target_style="ghibli")
@@ -286,9 +378,20 @@ def test_compute_metrics_with_a_local_inception_file(tmp_path, tiny_clip):
     prompts = ["a red cube"] * 6
     result = compute_metrics(synthetic_images(6, 1), None, prompts, synthetic_images(5, 3),
                              metrics=("fid", "kid", "inception_score"), clip_model=tiny_clip,
-                             inception_weights=str(tmp_path / "my-inception.pt"), progress=False, set_n_boot=5)
+                             inception_weights=str(tmp_path / "my-inception.pt"), progress=False)
     assert set(result) == {"adapter"}
     adapter = result["adapter"]
     assert adapter["fid"]["backbone"] == "inception-clean" and adapter["fid"]["unreliable"] is True
-    assert adapter["kid"]["subset_size"] == 5 and adapter["inception_score"]["backbone"] == "inception"
+    assert adapter["kid"]["n_reference"] == 5 and adapter["inception_score"]["backbone"] == "inception"
     assert 1.0 <= adapter["inception_score"]["mean"] <= 1008
+
+
+def test_single_arm_mean_interval_accounts_for_shared_seeds():
+    # one arm, strong seed effect (same starting noise across prompts): prompts alone would under-cover
+    rng = np.random.default_rng(10)
+    design, hits, reps = Design.of(PROMPTS, SEEDS), 0, 400
+    for _ in range(reps):
+        x = 0.3 * rng.standard_normal(16)[PROMPTS] + 0.6 * rng.standard_normal(4)[SEEDS] + 0.5 * rng.standard_normal(64)
+        lo, hi = interval(replicate(mean_statistic(x), design))["ci95"]
+        hits += lo <= 0.0 <= hi
+    assert 0.91 <= hits / reps <= 0.99

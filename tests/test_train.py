@@ -61,12 +61,15 @@ def test_run_folder_layout(finished_run, odd_style_dir):
     assert cfg["rank"] == 4 and cfg["style_dir"] == str(odd_style_dir)
     metrics = json.loads((finished_run / "metrics.json").read_text())
     assert metrics["n_images"] == 4
-    assert set(metrics) >= {"n_images", "adapter", "baseline", "cost"}
-    for arm in ["adapter", "baseline"]:
+    assert set(metrics) >= {"n_images", "adapter", "baseline", "delta", "cost"}
+    for arm in ["adapter", "baseline", "delta"]:
         assert set(metrics[arm]) == set(EVAL_METRICS.split(",")), arm
         for value in metrics[arm].values():
             assert {"mean", "ci95", "n"} <= set(value)
+            assert value["ci95"][0] <= value["mean"] <= value["ci95"][1] or value.get("unreliable"), (arm, value)
         assert metrics[arm]["clip_score"]["n"] == 4
+    for name, d in metrics["delta"].items():  # paired: the difference of the two arms' full-set values
+        assert d["mean"] == pytest.approx(metrics["adapter"][name]["mean"] - metrics["baseline"][name]["mean"])
     assert metrics["adapter"]["style_similarity"]["mean"] != metrics["baseline"]["style_similarity"]["mean"]
     cost = metrics["cost"]
     assert cost["trainable_params"] > 0 and cost["artifact_bytes"] > 0 and cost["steps_per_second"] > 0
@@ -133,7 +136,10 @@ def test_mlflow_run_has_params_metrics_and_artifacts(finished_run):
     assert run.data.params["rank"] == "4" and run.data.params["method"] == "lora"
     assert run.data.tags["style"] == "inky" and run.data.tags["method"] == "lora"
     assert "train.loss" in run.data.metrics and run.data.metrics["cost.trainable_params"] > 0
-    assert {"adapter.clip_score", "baseline.clip_score", "adapter.fid", "baseline.kid"} <= set(run.data.metrics)
+    assert {"adapter.clip_score", "baseline.clip_score", "adapter.fid", "baseline.kid", "delta.kid",
+            "delta.kid.ci95_lo", "delta.kid.ci95_hi", "adapter.clip_score.ci95_lo"} <= set(run.data.metrics)
+    m = run.data.metrics
+    assert m["delta.kid.ci95_lo"] <= m["delta.kid"] <= m["delta.kid.ci95_hi"]
     client = mlflow.MlflowClient()
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.json", "metrics.json", "logs.txt", "checkpoints", "inference", "thumbnails"} <= top

@@ -1,33 +1,45 @@
 """Evaluation metrics for adapter vs base model: one entry point, `compute_metrics`.
 
-Every metric comes back as {"mean", "ci95", "n"} (plus extras such as "std", "backbone", "unreliable").
+Every metric comes back as {"mean", "ci95", "n"} (plus extras such as "backbone", "unreliable") for each
+arm, and as the paired difference adapter − baseline; stats.py says how the intervals are made.
+The pieces (load_backbones → image_features → metric_replicates) are public for callers that score one
+image set against several reference sets (Experiment IV's blends).
 """
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from .alignment import clip_score, style_similarity
+from .alignment import clip_score, cosine_similarities, style_similarity
 from .backbones import DEFAULT_CLIP, ClipBundle, MissingWeightsError, load_clip, load_inception, load_lpips
-from .distribution import fid, fid_report, inception_score, inception_score_report, kid_report
-from .diversity import lpips_diversity
+from .distribution import fid, fid_statistic, inception_score, inception_score_statistic, kid, kid_statistic
+from .diversity import lpips_diversity, lpips_diversity_replicates
 from .features import clip_image_features, clip_text_features, inception_features, pil_to_tensor
 from .oracle import class_index, joint_content_probs, oracle_content_accuracy, oracle_style_accuracy
-from .stats import summarize
+from .stats import Design, Replicates, interval, mean_statistic, replicate, summarize
 
 METRICS = ("clip_score", "style_similarity", "fid", "kid", "inception_score", "lpips_diversity",
            "oracle_style_accuracy", "oracle_content_accuracy")
 ORACLE_METRICS = ("oracle_style_accuracy", "oracle_content_accuracy")
+# which way is better, for the arrow in tables and the findings: FID and KID are distances to the style
+BETTER = {"clip_score": "higher", "style_similarity": "higher", "fid": "lower", "kid": "lower",
+          "inception_score": "higher", "lpips_diversity": "higher", "oracle_style_accuracy": "higher",
+          "oracle_content_accuracy": "higher"}
+UNBOUNDED = (-np.inf, np.inf)
+# natural ranges: an interval clipped to them still contains its estimate (KID is unbiased, so it can be < 0)
+BOUNDS = {"clip_score": (0.0, 100.0), "style_similarity": (-1.0, 1.0), "fid": (0.0, np.inf),
+          "inception_score": (1.0, np.inf), "lpips_diversity": (0.0, np.inf),
+          "oracle_style_accuracy": (0.0, 1.0), "oracle_content_accuracy": (0.0, 1.0)}
 
-__all__ = ["METRICS", "compute_metrics", "MissingWeightsError", "load_clip", "load_inception", "load_lpips",
-           "clip_score", "style_similarity", "fid", "fid_report", "kid_report", "inception_score",
-           "inception_score_report", "lpips_diversity", "oracle_style_accuracy", "oracle_content_accuracy",
-           "summarize"]
+__all__ = ["METRICS", "BETTER", "Backbones", "compute_metrics", "load_backbones", "image_features",
+           "metric_replicates", "metric_interval", "MissingWeightsError", "load_clip", "load_inception", "load_lpips", "clip_score",
+           "style_similarity", "fid", "kid", "inception_score", "lpips_diversity", "oracle_style_accuracy",
+           "oracle_content_accuracy", "Design", "Replicates", "interval", "summarize"]
 
 
 def check_metric_names(metrics: Sequence[str]) -> tuple[str, ...]:
@@ -45,139 +57,160 @@ def _timed(timings: dict | None, name: str):
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequence[Image.Image] | None,
-                    prompts: Sequence[str], references: Sequence[Image.Image], *,
-                    metrics: Sequence[str] = METRICS,
-                    clip_model: str | ClipBundle = DEFAULT_CLIP,
-                    inception_weights: str | None = None,
-                    lpips_weights: str | None = None,
-                    oracle=None,
-                    target_style: str | int | None = None,
-                    feature_extractor: str = "inception",
-                    device: str = "cpu",
-                    seed: int = 0,
-                    progress: bool = True,
-                    n_boot: int = 1000,
-                    set_n_boot: int = 100,
-                    timings: dict | None = None) -> dict:
-    """Metrics of the adapter's and the base model's images (same prompts and seeds) vs the style references.
+@dataclass
+class Backbones:
+    """The networks the requested metrics need, loaded once (None where no metric needs one)."""
 
-    adapter_images/baseline_images: PIL images aligned with `prompts` (baseline may be None: adapter only).
-    references: the style's held-out images. feature_extractor: "inception" (clean-fid) or "clip" (the CLIP
-    image tower as clean-fid-style custom extractor) for FID/KID. oracle: path of a toy-world oracle (or a
-    loaded one); oracle metrics run only when it is given, and IS then uses its class probabilities.
-    n_boot: bootstrap draws for per-image metrics; set_n_boot: for FID and IS, recomputed on every draw.
-    timings: if a dict is passed, it receives seconds per stage.
+    metrics: tuple[str, ...]
+    feature_extractor: str = "inception"  # "inception" (clean-fid) or "clip" (the CLIP image tower) for FID/KID
+    clip: ClipBundle | None = None
+    inception: object | None = None
+    lpips: object | None = None
+    lpips_label: str | None = None
+    oracle: object | None = None  # toy world only: knows each image's true style and content
+
+    @property
+    def distribution_key(self) -> str:
+        return "clip" if self.feature_extractor == "clip" else "inception"
+
+    @property
+    def distribution_label(self) -> str:
+        return f"clip:{self.clip.name}" if self.feature_extractor == "clip" else "inception-clean"
+
+
+def load_backbones(metrics: Sequence[str] = METRICS, *, clip_model: str | ClipBundle = DEFAULT_CLIP,
+                   inception_weights: str | None = None, lpips_weights: str | None = None, oracle=None,
+                   feature_extractor: str = "inception", device: str = "cpu", seed: int = 0) -> Backbones:
+    """Load every backbone the metrics need before any work, so a missing weight fails first.
+
+    Without an oracle the oracle metrics are dropped (there is no truth to check against).
     """
     metrics = check_metric_names(metrics)
     if feature_extractor not in ("inception", "clip"):
         raise ValueError(f"feature_extractor must be 'inception' or 'clip', got '{feature_extractor}'.")
+    if oracle is None:
+        metrics = tuple(m for m in metrics if m not in ORACLE_METRICS)
+    b = Backbones(metrics, feature_extractor)
+    distribution = bool({"fid", "kid"} & set(metrics))
+    if {"clip_score", "style_similarity"} & set(metrics) or (distribution and feature_extractor == "clip"):
+        b.clip = clip_model if isinstance(clip_model, ClipBundle) else load_clip(clip_model, device)
+    if (distribution and feature_extractor == "inception") or ("inception_score" in metrics and oracle is None):
+        b.inception = load_inception(inception_weights, device)
+    if "lpips_diversity" in metrics:
+        b.lpips, b.lpips_label = load_lpips(lpips_weights, device, seed)
+    if isinstance(oracle, (str, bytes)) or hasattr(oracle, "__fspath__"):
+        from research.toyworld.oracle import Oracle  # a toy-world folder: the only kind of oracle there is
+
+        oracle = Oracle.from_pretrained(oracle).to(device)
+    b.oracle = oracle
+    return b
+
+
+def image_features(b: Backbones, images: Sequence[Image.Image], name: str, *, references: bool = False,
+                   progress: bool = True) -> dict:
+    """Every feature the metrics need from one image set, computed once: {"clip", "inception", ...}."""
+    feats: dict = {}
+    if b.clip is not None:
+        feats["clip"] = clip_image_features(b.clip, images, progress, f"CLIP features ({name})")
+    if b.inception is not None and (not references or {"fid", "kid"} & set(b.metrics)):
+        with_probs = not references and "inception_score" in b.metrics and b.oracle is None
+        feats["inception"], feats["inception_probs"] = inception_features(
+            b.inception, images, with_probs=with_probs, progress=progress, desc=f"Inception features ({name})")
+    if b.oracle is not None and not references:
+        feats["oracle"] = {h: np.asarray(p.detach().cpu() if hasattr(p, "detach") else p)
+                           for h, p in b.oracle.predict_proba(images).items()}
+    if "lpips_diversity" in b.metrics and not references:
+        feats["pixels"] = pil_to_tensor(images)
+    return feats
+
+
+def metric_replicates(b: Backbones, name: str, feats: dict, refs: dict | None, design: Design,
+                      text: np.ndarray | None = None, target_style=None) -> tuple[Replicates, dict]:
+    """One metric of one image set as jackknife replicates (stats.py), plus extras such as its backbone."""
+    if name == "clip_score":
+        return replicate(mean_statistic(clip_score(feats["clip"], text)), design), {"backbone": b.clip.name}
+    if name == "style_similarity":
+        sims = cosine_similarities(feats["clip"], refs["clip"])  # [images, references]
+        return (replicate(lambda g, r: float(sims[np.ix_(g, r)].mean()), design, uses_references=True),
+                {"backbone": b.clip.name})
+    if name in ("fid", "kid"):
+        f, ref = feats[b.distribution_key], refs[b.distribution_key]
+        statistic = (fid_statistic if name == "fid" else kid_statistic)(f, ref)
+        extras = {"backbone": b.distribution_label}
+        if name == "fid" and min(len(f), len(ref)) < f.shape[1]:
+            extras["unreliable"] = True  # rank-deficient covariances: FID is dominated by its small-set bias
+        return replicate(statistic, design, uses_references=True), extras
+    if name == "inception_score":
+        if "oracle" in feats:  # no Inception in the toy world: IS over the oracle's content classes
+            return (replicate(inception_score_statistic(joint_content_probs(feats["oracle"])), design),
+                    {"backbone": "oracle:shape×colour"})
+        return replicate(inception_score_statistic(feats["inception_probs"]), design), {"backbone": "inception"}
+    if name == "lpips_diversity":
+        return lpips_diversity_replicates(feats["pixels"], design, b.lpips), {"backbone": b.lpips_label}
+    if name == "oracle_style_accuracy":
+        labels = b.oracle.labels
+        return replicate(mean_statistic(oracle_style_accuracy(feats["oracle"], target_style, labels)), design), \
+            {"backbone": "oracle"}
+    if name == "oracle_content_accuracy":
+        scenes = [b.oracle.scene_of(p) for p in design.prompts]  # None: a prompt outside the toy grammar
+        values = np.full(design.n, np.nan)
+        known = [i for i, s in enumerate(scenes) if s is not None]
+        values[known] = oracle_content_accuracy(feats["oracle"], scenes, b.oracle.labels)
+        return replicate(mean_statistic(values), design), {"backbone": "oracle", "n_scored": len(known)}
+    raise ValueError(f"Unknown metric {name!r}.")
+
+
+def metric_interval(name: str, r: Replicates) -> dict:
+    """The metric's value with its 95% interval, clipped to the metric's natural range."""
+    return interval(r, BOUNDS.get(name, UNBOUNDED))
+
+
+def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequence[Image.Image] | None,
+                    prompts: Sequence[str], references: Sequence[Image.Image], *,
+                    seeds: Sequence[int] | None = None, metrics: Sequence[str] = METRICS,
+                    clip_model: str | ClipBundle = DEFAULT_CLIP, inception_weights: str | None = None,
+                    lpips_weights: str | None = None, oracle=None, target_style: str | int | None = None,
+                    feature_extractor: str = "inception", device: str = "cpu", seed: int = 0,
+                    progress: bool = True, timings: dict | None = None) -> dict:
+    """Metrics of the adapter's and the base model's images (same prompts and seeds) vs the style references.
+
+    Returns {"adapter": {metric: summary}, "baseline": {...}, "delta": {...}}: each summary has the
+    full-set value ("mean"), its 95% interval, n and the interval's method; "delta" is the paired
+    difference adapter − baseline (same leave-outs on both arms) with "better": "higher" | "lower".
+    adapter_images/baseline_images: PIL images aligned with `prompts` and `seeds` (baseline may be None:
+    adapter only, no delta). seeds: the sampling seed of each image (None: images of one prompt are
+    its only clusters). references: the style's held-out images. timings: receives seconds per stage.
+    """
     arms = {"adapter": list(adapter_images)}
     if baseline_images is not None:
         arms["baseline"] = list(baseline_images)
     for arm, images in arms.items():
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} {arm} images but {len(prompts)} prompts; give one prompt per image.")
-    if oracle is None:
-        metrics = tuple(m for m in metrics if m not in ORACLE_METRICS)
-    if target_style is None:
-        metrics = tuple(m for m in metrics if m != "oracle_style_accuracy")
-    needs_refs = {"style_similarity", "fid", "kid"} & set(metrics)
+    with _timed(timings, "load"):
+        b = load_backbones(metrics, clip_model=clip_model, inception_weights=inception_weights,
+                           lpips_weights=lpips_weights, oracle=oracle, feature_extractor=feature_extractor,
+                           device=device, seed=seed)
+    names = tuple(m for m in b.metrics if m != "oracle_style_accuracy" or target_style is not None)
+    needs_refs = {"style_similarity", "fid", "kid"} & set(names)
     if needs_refs and len(references) < 2:
         raise ValueError(f"{', '.join(sorted(needs_refs))} need at least 2 held-out reference images, got {len(references)}.")
-
-    # ------------------------------------------------------------------ backbones, all loaded before any work
-    distribution = {"fid", "kid"} & set(metrics)
-    use_clip = bool({"clip_score", "style_similarity"} & set(metrics)) or (distribution and feature_extractor == "clip")
-    is_from_inception = "inception_score" in metrics and oracle is None
-    use_inception = (distribution and feature_extractor == "inception") or is_from_inception
-    with _timed(timings, "load"):
-        clip = (clip_model if isinstance(clip_model, ClipBundle) else load_clip(clip_model, device)) if use_clip else None
-        inception = load_inception(inception_weights, device) if use_inception else None
-        lpips_model, lpips_label = load_lpips(lpips_weights, device, seed) if "lpips_diversity" in metrics else (None, None)
-        if isinstance(oracle, (str, bytes)) or hasattr(oracle, "__fspath__"):
-            from research.toyworld.oracle import Oracle  # toy-world only; imported when asked for
-            oracle = Oracle.from_pretrained(oracle).to(device)
-        labels = getattr(oracle, "labels", None)  # the oracle's class names per head
-        if "oracle_style_accuracy" in metrics:
-            class_index("style", target_style, labels)  # an unknown style fails now, before any work
-
-    # ------------------------------------------------------------------ features, once per image set
-    sets = dict(arms, references=list(references))
-    feats: dict[str, dict] = defaultdict(dict)
-    for name, images in sets.items():
-        if name == "references" and not needs_refs:
-            continue
-        if clip is not None:
-            with _timed(timings, "features:clip"):
-                feats[name]["clip"] = clip_image_features(clip, images, progress, f"CLIP features ({name})")
-        if inception is not None and (distribution or name != "references"):
-            with _timed(timings, "features:inception"):
-                feats[name]["inception"], feats[name]["inception_probs"] = inception_features(
-                    inception, images, with_probs=is_from_inception and name != "references",
-                    progress=progress, desc=f"Inception features ({name})")
-        if oracle is not None and name != "references":
-            with _timed(timings, "features:oracle"):
-                feats[name]["oracle"] = {h: np.asarray(p.detach().cpu() if hasattr(p, "detach") else p)
-                                         for h, p in oracle.predict_proba(images).items()}
-    if "clip_score" in metrics:
-        with _timed(timings, "features:clip_text"):
-            text = clip_text_features(clip, prompts)
-    dist_key = "clip" if feature_extractor == "clip" else "inception"
-    dist_label = (f"clip:{clip.name}" if clip is not None else "clip") if feature_extractor == "clip" else "inception-clean"
-
-    # ------------------------------------------------------------------ metrics per arm
-    results = {}
-    for arm, images in arms.items():
-        f, out = feats[arm], {}
-        for m in metrics:
-            with _timed(timings, m):
-                if m == "clip_score":
-                    out[m] = dict(summarize(clip_score(f["clip"], text), n_boot, seed), backbone=clip.name)
-                elif m == "style_similarity":
-                    out[m] = dict(summarize(style_similarity(f["clip"], feats["references"]["clip"]), n_boot, seed),
-                                  backbone=clip.name)
-                elif m == "fid":
-                    out[m] = dict(fid_report(f[dist_key], feats["references"][dist_key], set_n_boot, seed), backbone=dist_label)
-                elif m == "kid":
-                    out[m] = dict(kid_report(f[dist_key], feats["references"][dist_key], seed=seed), backbone=dist_label)
-                elif m == "inception_score":
-                    out[m] = _inception_score(f, set_n_boot, seed)
-                elif m == "lpips_diversity":
-                    out[m] = _lpips_diversity(images, prompts, lpips_model, lpips_label, n_boot, seed)
-                elif m == "oracle_style_accuracy":
-                    out[m] = dict(summarize(oracle_style_accuracy(f["oracle"], target_style, labels),
-                                            n_boot, seed), backbone="oracle")
-                elif m == "oracle_content_accuracy":
-                    out[m] = _oracle_content(f["oracle"], prompts, labels, n_boot, seed)
-        results[arm] = out
+    if "oracle_style_accuracy" in names:
+        class_index("style", target_style, b.oracle.labels)  # an unknown style fails now, before any work
+    with _timed(timings, "features"):
+        feats = {arm: image_features(b, images, arm, progress=progress) for arm, images in arms.items()}
+        refs = image_features(b, list(references), "references", references=True, progress=progress) if needs_refs else None
+        text = clip_text_features(b.clip, prompts) if "clip_score" in names else None
+    design = Design.of(prompts, seeds, len(references) if needs_refs else 0)
+    results: dict = {arm: {} for arm in arms}
+    if "baseline" in arms:
+        results["delta"] = {}
+    for name in names:
+        with _timed(timings, name):
+            reps = {arm: metric_replicates(b, name, feats[arm], refs, design, text, target_style) for arm in arms}
+        for arm, (r, extras) in reps.items():
+            results[arm][name] = {**metric_interval(name, r), **extras}
+        if "baseline" in arms:
+            diff = reps["adapter"][0] - reps["baseline"][0]
+            results["delta"][name] = {**interval(diff), "better": BETTER[name]}
     return results
-
-
-def _inception_score(f: dict, n_boot: int, seed: int) -> dict:
-    if "oracle" in f:
-        # no Inception in the toy world: IS over the oracle's content classes (shape × colour), per head as extras
-        out = dict(inception_score_report(joint_content_probs(f["oracle"]), n_boot, seed), backbone="oracle:shape×colour")
-        out["per_head"] = {h: inception_score(p)[0] for h, p in f["oracle"].items()}
-        return out
-    return dict(inception_score_report(f["inception_probs"], n_boot, seed), backbone="inception")
-
-
-def _lpips_diversity(images, prompts, lpips_model, label, n_boot, seed) -> dict:
-    pixels = pil_to_tensor(images)
-    by_prompt = defaultdict(list)
-    for p, x in zip(prompts, pixels):
-        by_prompt[p].append(x)
-    values = lpips_diversity({p: xs for p, xs in by_prompt.items()}, lpips_model, value_range=(0, 255))
-    if values.size == 0:  # every prompt has a single image: no pair to compare
-        return {"mean": float("nan"), "ci95": [float("nan")] * 2, "n": 0, "unreliable": True, "backbone": label}
-    return dict(summarize(values, n_boot, seed), backbone=label, n_images=sum(len(v) for v in by_prompt.values() if len(v) > 1))
-
-
-def _oracle_content(probs, prompts, class_names, n_boot, seed) -> dict:
-    from research.toyworld.scenes import parse_caption  # toy-world grammar: prompt → Scene(shape, colour, background)
-
-    values = oracle_content_accuracy(probs, [parse_caption(p) for p in prompts], class_names)
-    if values.size == 0:
-        return {"mean": float("nan"), "ci95": [float("nan")] * 2, "n": 0, "unreliable": True, "backbone": "oracle"}
-    return dict(summarize(values, n_boot, seed), backbone="oracle")

@@ -15,6 +15,11 @@ def clip_score(image_feats: np.ndarray, text_feats: np.ndarray) -> np.ndarray:
     return 100.0 * np.maximum(cos, 0.0)
 
 
+def cosine_similarities(image_feats: np.ndarray, reference_feats: np.ndarray) -> np.ndarray:
+    """[images, references] cosine similarities."""
+    return _unit(image_feats) @ _unit(reference_feats).T
+
+
 def style_similarity(image_feats: np.ndarray, reference_feats: np.ndarray) -> np.ndarray:
     """Per image, the mean cosine similarity to every image of the style's reference set."""
-    return (_unit(image_feats) @ _unit(reference_feats).T).mean(-1)
+    return cosine_similarities(image_feats, reference_feats).mean(-1)

@@ -1,7 +1,7 @@
-"""Distribution metrics against the style's held-out references: FID, KID (clean-fid) and Inception Score.
+"""Distribution metrics against the style's held-out references: FID, KID (clean-fid's) and Inception Score.
 
-`fid`, `kid_subsets` and `inception_score` are the plain estimators; the `*_report` functions add the
-interval and sample count that every reported metric carries.
+`fid`, `kid` and `inception_score` are the plain estimators; the `*_statistic` functions give the same
+value for any subset of images and references, which is what the jackknife in stats.py needs.
 """
 from __future__ import annotations
 
@@ -11,12 +11,10 @@ import warnings
 
 import numpy as np
 from scipy.linalg import LinAlgWarning
-from cleanfid.fid import frechet_distance, kernel_distance
+from cleanfid.fid import frechet_distance
 
-from .stats import bootstrap_sets, subsample_ci
+from .stats import Statistic
 
-KID_MAX_SUBSET = 1000  # clean-fid's and Bińkowski et al.'s subset size; smaller sets use all their images
-KID_SUBSETS = 100  # subsets per KID estimate (clean-fid's default)
 MIN_IMAGES_PER_IS_SPLIT = 50  # each IS split needs enough images to estimate the marginal p(y)
 MAX_IS_SPLITS = 10  # the customary number of IS splits for large sets
 
@@ -62,55 +60,43 @@ def _fid_by_svd(a: np.ndarray, b: np.ndarray) -> float:
     return float(diff @ diff + (ac ** 2).sum() / (len(a) - 1) + (bc ** 2).sum() / (len(b) - 1) - 2 * tr_covmean)
 
 
-def fid_report(feats_a: np.ndarray, feats_b: np.ndarray, n_boot: int = 100, seed: int = 0) -> dict:
-    """FID with a bootstrap interval over images of both sets; "unreliable" when a set is smaller than the
-    feature dimension (its covariance is then rank-deficient and FID biased upward)."""
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+def fid_statistic(feats: np.ndarray, refs: np.ndarray) -> Statistic:
+    """FID of the kept images against the kept references, for the jackknife in stats.py."""
+    a, b = np.asarray(feats, np.float64), np.asarray(refs, np.float64)
     small = min(len(a), len(b)) < a.shape[1]
     draw = _fid_by_svd if small else _fid_plain  # large sets: the d×d root is the cheaper one
-    out = {"mean": fid(a, b), "ci95": bootstrap_sets(draw, [a, b], n_boot, seed), "n": len(a), "n_reference": len(b)}
-    if small:
-        out["unreliable"] = True
-    return out
+    return lambda g, r: fid(a, b) if len(g) == len(a) and len(r) == len(b) else draw(a[g], b[r])
 
 
 # ----------------------------------------------------------------------------- KID
 
-def kid_subsets(feats_a: np.ndarray, feats_b: np.ndarray, subset_size: int | None = None,
-                num_subsets: int = KID_SUBSETS, seed: int = 0) -> np.ndarray:
-    """Unbiased KID (clean-fid's kernel_distance, cubic polynomial kernel) on each of `num_subsets` subsets."""
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    m = subset_size or min(len(a), len(b), KID_MAX_SUBSET)
-    if m < 2:
+def _cubic_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """clean-fid's KID kernel k(x, y) = (x·y / d + 1)³."""
+    return (x @ y.T / x.shape[1] + 1) ** 3
+
+
+def kid(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Unbiased MMD² with clean-fid's cubic kernel over all images of both sets.
+
+    clean-fid's kernel_distance averages the same estimator over equal-size random subsets; on sets of
+    equal size up to 1000 the two are identical (tests/test_metrics.py checks it), and for unequal sizes
+    this one keeps every image instead of dropping the larger set's surplus at random.
+    """
+    return kid_statistic(feats_a, feats_b)(np.arange(len(feats_a)), np.arange(len(feats_b)))
+
+
+def kid_statistic(feats: np.ndarray, refs: np.ndarray) -> Statistic:
+    """KID of the kept images against the kept references; the kernel matrices are computed once."""
+    a, b = np.asarray(feats, np.float64), np.asarray(refs, np.float64)
+    if min(len(a), len(b)) < 2:
         raise ValueError(f"KID needs at least 2 images in each set, got {len(a)} and {len(b)}.")
-    state = np.random.get_state()  # kernel_distance draws subsets from numpy's global generator
-    np.random.seed(seed)
-    try:
-        return np.array([kernel_distance(a, b, num_subsets=1, max_subset_size=m) for _ in range(num_subsets)])
-    finally:
-        np.random.set_state(state)
+    kaa, kbb, kab = _cubic_kernel(a, a), _cubic_kernel(b, b), _cubic_kernel(a, b)
 
+    def within(k: np.ndarray, idx: np.ndarray) -> float:
+        block = k[np.ix_(idx, idx)]
+        return (block.sum() - np.trace(block)) / (len(idx) * (len(idx) - 1))
 
-def kid_report(feats_a: np.ndarray, feats_b: np.ndarray, num_subsets: int = KID_SUBSETS, seed: int = 0) -> dict:
-    """KID mean and std over subsets of size min(n_a, n_b, 1000); the interval by subsampling half-size
-    subsets (KID's estimator is unbiased at any size, and drawing without replacement avoids the duplicates
-    that bias a with-replacement bootstrap)."""
-    values = kid_subsets(feats_a, feats_b, num_subsets=num_subsets, seed=seed)
-    m = min(len(feats_a), len(feats_b), KID_MAX_SUBSET)
-    half = max(2, m // 2)
-
-    def one(a, b):
-        return float(kernel_distance(a, b, num_subsets=1, max_subset_size=half))
-
-    state = np.random.get_state()
-    np.random.seed(seed + 1)
-    try:
-        ci = subsample_ci(float(values.mean()), one, [np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)],
-                          half, num_subsets, seed)
-    finally:
-        np.random.set_state(state)
-    return {"mean": float(values.mean()), "std": float(values.std()), "ci95": ci, "n": len(feats_a),
-            "n_reference": len(feats_b), "subset_size": m, "num_subsets": num_subsets}
+    return lambda g, r: float(within(kaa, g) + within(kbb, r) - 2 * kab[np.ix_(g, r)].mean())
 
 
 # ----------------------------------------------------------------------------- Inception Score
@@ -129,8 +115,8 @@ def inception_score(probs: np.ndarray, splits: int | None = None) -> tuple[float
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def inception_score_report(probs: np.ndarray, n_boot: int = 100, seed: int = 0) -> dict:
-    splits = is_splits(len(probs))
-    mean, std = inception_score(probs, splits)
-    ci = bootstrap_sets(lambda p: inception_score(p, splits)[0], [np.asarray(probs)], n_boot, seed)
-    return {"mean": mean, "std": std, "ci95": ci, "n": len(probs), "splits": splits}
+def inception_score_statistic(probs: np.ndarray) -> Statistic:
+    """IS of the kept images, with the split count of the full set (one split below 100 images)."""
+    p = np.asarray(probs, np.float64)
+    splits = is_splits(len(p))
+    return lambda g, r: inception_score(p[g], splits)[0]

@@ -7,6 +7,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from .stats import Design, Replicates, replicate
+
 PAIRS_PER_BATCH = 128  # image pairs per LPIPS forward pass
 
 
@@ -48,3 +50,28 @@ def lpips_diversity(images_by_prompt: Mapping[str, torch.Tensor], lpips_model: t
     dists = np.concatenate(dists) if dists else np.zeros(0)
     owner = np.array([g for g, _, _ in pairs], dtype=int)
     return np.array([dists[owner == g].mean() for g in range(len(groups))])
+
+
+def lpips_diversity_replicates(pixels: torch.Tensor, design: Design, lpips_model: torch.nn.Module,
+                               value_range: tuple[float, float] = (0.0, 255.0)) -> Replicates:
+    """LPIPS diversity (mean over prompts of the mean distance between a prompt's images) as jackknife
+    replicates: every pair is measured once, and a leave-out keeps the pairs whose two images it keeps."""
+    by_prompt: dict = {}
+    for i, p in enumerate(design.prompts.tolist()):
+        by_prompt.setdefault(p, []).append(i)
+    pairs = np.array([(i, j) for idx in by_prompt.values() for i, j in combinations(idx, 2)], dtype=int).reshape(-1, 2)
+    dists = np.concatenate([lpips_distance(lpips_model, pixels[pairs[s:s + PAIRS_PER_BATCH, 0]],
+                                           pixels[pairs[s:s + PAIRS_PER_BATCH, 1]], value_range)
+                            for s in range(0, len(pairs), PAIRS_PER_BATCH)]) if len(pairs) else np.zeros(0)
+    owner = np.array([design.prompts[i] for i in pairs[:, 0]], dtype=object)
+
+    def statistic(g: np.ndarray, r: np.ndarray) -> float:
+        kept = np.zeros(design.n, dtype=bool)
+        kept[g] = True
+        keep = kept[pairs[:, 0]] & kept[pairs[:, 1]]
+        means = [dists[keep & (owner == p)].mean() for p in dict.fromkeys(owner[keep].tolist())]
+        return float(np.mean(means)) if means else float("nan")
+
+    r = replicate(statistic, design)
+    r.n = int(len(set(pairs.ravel().tolist())))  # images that are in at least one pair
+    return r

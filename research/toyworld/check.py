@@ -43,7 +43,8 @@ def judge_base_model(sd_dir: Path, oracle_dir: Path = ORACLE_DIR, num_images: in
     for head in ("shape", "colour", "background"):
         truth = [class_index(head, getattr(s, head), oracle.labels) for s in scenes]
         per_image[head] = probs[head].argmax(-1) == truth
-    result = {name: summarize(v) for name, v in per_image.items()}
+    prompts, seeds = [j.prompt for j in jobs], [j.seed for j in jobs]
+    result = {name: summarize(v, prompts, seeds, bounds=(0.0, 1.0)) for name, v in per_image.items()}
     styles = [oracle.labels["style"][i] for i in probs["style"].argmax(-1)]
     result["style_counts"] = {st: styles.count(st) for st in sorted(set(styles))}
     return result

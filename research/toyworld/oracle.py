@@ -16,6 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from research.toyworld.scenes import parse_caption
+
 HEADS = ("style", "shape", "colour", "background")
 IMAGE_SIZE = 64  # the oracle's input; other sizes are resized to it
 
@@ -74,6 +76,11 @@ class Oracle(nn.Module):
         """The most likely label per head and image."""
         probs = self.predict_proba(images)
         return {head: [self.labels[head][i] for i in p.argmax(-1).tolist()] for head, p in probs.items()}
+
+    @staticmethod
+    def scene_of(prompt: str):
+        """The scene a toy-world prompt asks for (None outside the toy grammar): the truth content is judged by."""
+        return parse_caption(prompt)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Oracle":
