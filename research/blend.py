@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from research.atomic import atomic_path, save_image, write_json
 from research.config import ConfigError, TrainConfig, add_config_arguments, apply_overrides
 from research.data import DataError
-from research.methods.lora import LoRA, to_kohya
+from research.methods.lora import LoRA, peft_key, to_kohya
 from research.metrics.stats import Design, summarize
 from research.models import ModelNotFoundError
 
@@ -44,7 +44,7 @@ log = logging.getLogger("research")
 
 WEIGHT_NAME = LoRA.weight_name
 KOHYA_NAME = LoRA.kohya_name
-DOWN, UP = ".lora.down.weight", ".lora.up.weight"
+DOWN, UP = ".lora_A.weight", ".lora_B.weight"  # peft's names, the one scheme adapter files use
 METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps rank/alpha; load_lora_weights reads it
 DEFAULT_EXPERIMENT = "exp4"
 # Metrics measured against one style (its held-out images or its oracle class): computed once per side.
@@ -64,7 +64,7 @@ class BlendError(ConfigError):
 class Adapter:
     label: str  # short name for folders, legends and the MLflow run
     checkpoint_dir: Path  # folder holding pytorch_lora_weights.safetensors
-    tensors: dict[str, torch.Tensor]  # diffusers keys: <component>.<module>.lora.{down,up}.weight
+    tensors: dict[str, torch.Tensor]  # <component>.<module>.lora_{A,B}.weight
     lora_meta: dict  # diffusers' flat LoraConfig metadata: "unet.r", "unet.lora_alpha", ...
     cfg: TrainConfig  # the config it was trained with
 
@@ -91,7 +91,7 @@ def load_adapter(path: str | Path) -> Adapter:
         raise BlendError(f"{path} has no {WEIGHT_NAME} (nor checkpoints/{WEIGHT_NAME}); pass the folder of a "
                          "finished LoRA run or its checkpoints folder.")
     with safe_open(folder / WEIGHT_NAME, framework="pt") as f:
-        tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+        tensors = {peft_key(k): f.get_tensor(k).float() for k in f.keys()}  # files of earlier versions too
         meta = dict(f.metadata() or {})
     if METADATA_KEY not in meta:
         raise BlendError(f"{folder / WEIGHT_NAME} carries no rank/alpha metadata, so its scale is unknown; "

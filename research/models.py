@@ -90,11 +90,20 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
         raise
 
 
-def make_sampler(pipe, sampler: str):
-    """Swap the pipeline's sampling scheduler; training always uses DDPM with the same config."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the training loop knows how to target
+
+
+def make_sampler(pipe, sampler: str, prediction_type: str = ""):
+    """Swap the pipeline's sampling scheduler (training always uses DDPM with the same config).
+
+    prediction_type: what the UNet in the pipeline predicts now (an adapter trained for v-prediction on an
+    epsilon base predicts v); empty keeps the pipeline's own.
+    """
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     classes = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-    if sampler in classes:
-        pipe.scheduler = classes[sampler].from_config(pipe.scheduler.config)
+    overrides = {"prediction_type": prediction_type} if prediction_type else {}
+    cls = classes.get(sampler, type(pipe.scheduler))
+    if sampler in classes or overrides:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
     return pipe

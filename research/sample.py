@@ -56,6 +56,34 @@ def generate(pipe, jobs: list[Job], *, num_inference_steps: int, guidance_scale:
     return images
 
 
+def training_pipeline(c, sampler: str, scheduler_config=None):
+    """A sampling pipeline over the training components (whatever adapter is in place right now).
+
+    scheduler_config: the noise schedule to sample with; None = the training scheduler's (the
+    prediction type being trained). DreamBooth's class images pass the base model's own config.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from research.models import make_sampler
+
+    scheduler = DDPMScheduler.from_config(scheduler_config or c.noise_scheduler.config)
+    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe = make_sampler(pipe, sampler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate_while_training(pipe, jobs: list[Job], cfg, desc: str, prompt_fn=lambda p: p) -> list[Image.Image]:
+    """generate() inside training: the trainable weights are fp32 while the frozen base may be bf16/fp16,
+    so on GPU sampling runs under autocast in the base's dtype, as the training step does."""
+    device, dtype = pipe.unet.device, pipe.vae.dtype
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
+        return generate(pipe, jobs, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                        resolution=cfg.resolution, batch_size=cfg.sample_batch_size, desc=desc, prompt_fn=prompt_fn)
+
+
 def save_set(images: list[Image.Image], jobs: list[Job], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for image, job in zip(images, jobs):
@@ -97,12 +125,13 @@ def sample_run(run_dir: Path, cfg, method, *, prompts: list[str], base_pipe) -> 
     from research.models import make_sampler
 
     jobs = plan_jobs(prompts, cfg.num_eval_images, cfg.seed)
-    pipe = make_sampler(base_pipe, cfg.sampler)
+    pipe = make_sampler(base_pipe, cfg.sampler)  # the base model as it is, with its own prediction type
     pipe.set_progress_bar_config(disable=True)
     common = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                   resolution=cfg.resolution, batch_size=cfg.sample_batch_size)
     baseline = generate(pipe, jobs, desc="baseline", **common)
     method.load_into(pipe, run_dir / "checkpoints")
+    pipe = make_sampler(pipe, cfg.sampler, prediction_type=cfg.prediction_type)  # what the adapter was trained to predict
     adapter = generate(pipe, jobs, desc="adapter", prompt_fn=method.caption, **common)
     save_set(baseline, jobs, run_dir / "inference" / "baseline")
     save_set(adapter, jobs, run_dir / "inference")

@@ -31,8 +31,10 @@ from tqdm.auto import tqdm
 from research.atomic import write_json
 from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
 from research.data import DataError, preprocess, read_validation_prompts, style_folder_for
+from research.evaluate import evaluate_samples, format_table
 from research.methods import Components, config_metadata, get_method
-from research.models import ModelNotFoundError, load_pipeline, pick_device, pick_precision, weight_dtype
+from research.models import (PREDICTION_TYPES, ModelNotFoundError, load_pipeline, pick_device, pick_precision,
+                             weight_dtype)
 
 log = logging.getLogger("research")
 STATE_PREFIX = "state-"
@@ -127,13 +129,16 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     data = style_folder_for(cfg)
     log.info("style %r: %d training images, %d held out for evaluation", data.name, len(data.train), len(data.heldout))
     base_dtype = weight_dtype(precision)  # frozen base in bf16/fp16 on GPU; trainable weights stay fp32
-    c = Components.from_pipeline(load_pipeline(cfg.base_model, base_dtype))
-    if cfg.prediction_type:
-        c.noise_scheduler.register_to_config(prediction_type=cfg.prediction_type)
+    c = Components.from_pipeline(load_pipeline(cfg.base_model, base_dtype), cfg.prediction_type)
+    prediction_type = c.noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"The base model's scheduler predicts {prediction_type!r}, which this loop cannot train; "
+                          f"pass --prediction-type {' or '.join(PREDICTION_TYPES)}.")
     method = get_method(cfg)
     param_groups = method.setup(c)
     n_trainable = sum(p.numel() for g in param_groups for p in g["params"])
-    log.info("method %s: %s trainable parameters, precision %s, device %s", method.name, f"{n_trainable:,}", precision, device)
+    log.info("method %s: %s trainable parameters, precision %s, device %s, world size %d", method.name,
+             f"{n_trainable:,}", precision, device, accelerator.num_processes)
     for module in (c.unet, c.vae, c.text_encoder):
         module.to(device)
     if cfg.gradient_checkpointing:
@@ -197,6 +202,7 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     prepared = accelerator.prepare(*trained_modules, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
     text_encoder = prepared[1] if len(prepared) == 3 else c.text_encoder
+    prepared_trained = list(prepared[:-1])  # the trained modules as accelerate wrapped them
     accelerator.register_for_checkpointing(lr_scheduler)
 
     def save_hook(models, weights, output_dir):  # resumable state = trainable tensors only, not the base
@@ -223,20 +229,21 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
 
     def save_state(step: int) -> Path:
         final = checkpoints / f"{STATE_PREFIX}{step:06d}"
-        tmp = checkpoints / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.save_state(str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)  # a killed save never looks like a finished state
-        for old in sorted(checkpoints.glob(f"{STATE_PREFIX}*"))[:-max(cfg.checkpoints_total_limit, 1)]:
-            shutil.rmtree(old, ignore_errors=True)
-        for hook in hooks:
-            hook.on_checkpoint(step, final)
+        if accelerator.is_main_process:  # the trainable tensors are the same on every process: one writer
+            tmp = checkpoints / f".tmp-{final.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            accelerator.save_state(str(tmp))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)  # a killed save never looks like a finished state
+            for old in sorted(checkpoints.glob(f"{STATE_PREFIX}*"))[:-max(cfg.checkpoints_total_limit, 1)]:
+                shutil.rmtree(old, ignore_errors=True)
+            for hook in hooks:
+                hook.on_checkpoint(step, final)
+        accelerator.wait_for_everyone()
         return final
 
     # ─── the loop ────────────────────────────────────────────────────────────────────────────
     sched = c.noise_scheduler
-    prediction_type = sched.config.prediction_type
     n, accum = len(data.train), cfg.gradient_accumulation_steps
     world, rank = accelerator.num_processes, accelerator.process_index
     running_loss, running_count = torch.zeros((), device=device), 0
@@ -247,7 +254,8 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
             noise += cfg.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=gen)
         return noise
 
-    unet.train()
+    for module in prepared_trained:  # dropout (LoRA's too) acts only in train mode
+        module.train()
     progress = tqdm(range(start_step, cfg.max_train_steps), initial=start_step, total=cfg.max_train_steps,
                     desc=f"train {method.name}", unit="step", disable=not accelerator.is_local_main_process)
     t0 = t_first = time.perf_counter()
@@ -278,7 +286,7 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
                 timesteps = torch.cat([timesteps, torch.randint(0, sched.config.num_train_timesteps, (bsz,),
                                                                 generator=g_extra)])
             noise, timesteps = noise.to(device), timesteps.to(device)
-            with accelerator.accumulate(*trained_modules):
+            with accelerator.accumulate(*prepared_trained):
                 noisy = sched.add_noise(latents, noise, timesteps)
                 text_idx = torch.tensor(idx)
                 if cfg.caption_dropout:  # its own generator, so a run without dropout draws exactly as before
@@ -336,14 +344,15 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     accelerator.wait_for_everyone()
     artifacts = []
     if accelerator.is_main_process:
-        artifacts = method.save(c, checkpoints, config_metadata(cfg))
+        artifacts = method.save(c, checkpoints, config_metadata(cfg, prediction_type))
         log.info("saved %s", ", ".join(str(p) for p in artifacts))
     steps_run = cfg.max_train_steps - start_step
     steady = (steps_run - 1) / (t_end - t_first) if steps_run > 1 else steps_run / train_seconds
     cost = {"train_seconds": train_seconds, "steps_per_second": steady,
             "peak_memory_mb": peak_memory_mb(device), "trainable_params": n_trainable,
             "artifact_bytes": sum(p.stat().st_size for p in artifacts)}
-    unet.eval()
+    for module in prepared_trained:
+        module.eval()
     result = TrainResult(c, method, data, artifacts, cost)
     for hook in hooks:
         hook.on_end(result)
@@ -367,7 +376,11 @@ class MLflowHook:
 
 
 class ValidationHook:
-    """Every N steps, sample the first validation prompts with the adapter in place and log them."""
+    """Every N steps, sample the first validation prompts with the adapter in place and log them.
+
+    Sampling must not change training: modules offloaded to the CPU go back there, and train/eval modes
+    are restored (the UNet samples in eval mode, so LoRA dropout is off while sampling).
+    """
 
     def __init__(self, cfg: TrainConfig, tracker, prompts: list[str]):
         self.cfg, self.tracker, self.prompts = cfg, tracker, prompts[:4]
@@ -375,24 +388,24 @@ class ValidationHook:
     def on_step(self, info: StepInfo, c: Components) -> None:
         if not self.cfg.validation_steps or info.step % self.cfg.validation_steps:
             return
-        from diffusers import StableDiffusionPipeline
-
-        from research.models import make_sampler
-        from research.sample import Job, generate
+        from research.sample import Job, generate_while_training, training_pipeline
 
         device = c.unet.device
-        pipe = StableDiffusionPipeline(vae=c.vae.to(device), text_encoder=c.text_encoder.to(device),
-                                       tokenizer=c.tokenizer, unet=c.unet, scheduler=c.noise_scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = make_sampler(pipe, self.cfg.sampler)
-        pipe.set_progress_bar_config(disable=True)
+        places = {m: next(m.parameters()).device for m in (c.vae, c.text_encoder)}
+        modes = {m: m.training for m in (c.unet, c.vae, c.text_encoder)}
         jobs = [Job(i, p, self.cfg.seed) for i, p in enumerate(self.prompts)]
-        half = c.vae.dtype != torch.float32  # fp32 trainable weights inside a bf16/fp16 base: sample as training runs
-        with torch.autocast(device.type, dtype=c.vae.dtype, enabled=half and device.type == "cuda"):
-            images = generate(pipe, jobs, num_inference_steps=self.cfg.num_inference_steps,
-                              guidance_scale=self.cfg.guidance_scale, resolution=self.cfg.resolution,
-                              desc="validation", prompt_fn=get_method(self.cfg).caption)
-        c.unet.train()
+        try:
+            for module in places:
+                module.to(device)
+            for module in modes:
+                module.eval()
+            pipe = training_pipeline(c, self.cfg.sampler)
+            images = generate_while_training(pipe, jobs, self.cfg, "validation", prompt_fn=get_method(self.cfg).caption)
+        finally:
+            for module, place in places.items():
+                module.to(place)
+            for module, mode in modes.items():
+                module.train(mode)
         for job, image in zip(jobs, images):
             self.tracker.log_image(image, job.file_name, step=info.step)
 
@@ -405,12 +418,21 @@ class ValidationHook:
 
 # ─── the whole run: folder, tracking, train, sample, evaluate ───────────────────────────────
 def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None) -> Path:
+    """Train, sample, evaluate and track one run. Under `accelerate launch` / `torchrun` every process
+    trains its share of each batch; only the main process owns the run folder, MLflow, samples and metrics."""
+    from accelerate import PartialState
+
     from research.sample import sample_run
-    from research.tracking import SUBDIRS, Tracker, flatten_metrics, new_run_dir, setup_logging, write_metrics
+    from research.tracking import SUBDIRS, Tracker, flatten_metrics, setup_logging, write_metrics
 
     if not Path(cfg.style_dir).is_dir():  # fail before a run folder or MLflow run exists
         raise DataError(f"Style folder {cfg.style_dir} does not exist; pass a folder of images with --style-dir.")
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else new_run_dir(cfg.output_dir, cfg.experiment, cfg.resolved_run_name())
+    processes = PartialState(cpu=pick_device(cfg.device).type == "cpu")
+    run_dir = _shared_run_dir(cfg, processes)
+    if not processes.is_main_process:
+        setup_logging()  # console only: logs.txt is the main process's
+        train(cfg, run_dir)
+        return run_dir
     for sub in SUBDIRS:
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir / "logs.txt")
@@ -427,10 +449,13 @@ def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None
         device = result.components.unet.device
         del result.components
         pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
+        log.info("sampling %d images per arm (base model, then adapter; same prompts and seeds)", cfg.num_eval_images)
         samples = sample_run(run_dir, cfg, result.method, prompts=result.data.validation_prompts, base_pipe=pipe)
         metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "delta": {}, "cost": result.cost}
-        metrics.update(_evaluate(cfg, samples, result.data, device))
+        log.info("evaluating %s against %d held-out images", cfg.metrics, len(result.data.heldout))
+        metrics.update(evaluate_samples(cfg, samples, [e.image for e in result.data.heldout], device))
         write_metrics(run_dir, metrics)
+        log.info("metrics written to %s\n%s", run_dir / "metrics.json", format_table(metrics))
         tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
         # large full-model checkpoints (DreamBooth's UNet) stay once, in the run folder; MLflow gets the
         # pointer file the method writes beside them instead of a second multi-GB copy
@@ -448,11 +473,18 @@ def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None
     return run_dir
 
 
-def _evaluate(cfg: TrainConfig, samples: dict, data, device) -> dict:
-    """Adapter and baseline metrics against the held-out references (research/evaluate.py)."""
-    from research.evaluate import evaluate_samples
+def _shared_run_dir(cfg: TrainConfig, processes) -> Path:
+    """The main process names the run folder; the others are told it, so all write one run."""
+    from accelerate.utils import broadcast_object_list
 
-    return evaluate_samples(cfg, samples, [e.image for e in data.heldout], device)
+    from research.tracking import new_run_dir
+
+    path = [None]
+    if processes.is_main_process:
+        path[0] = str(cfg.run_dir or new_run_dir(cfg.output_dir, cfg.experiment, cfg.resolved_run_name()))
+    if processes.num_processes > 1:
+        broadcast_object_list(path)
+    return Path(path[0])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,8 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from research.evaluate import format_table
+    from accelerate import PartialState
 
+    if not PartialState().is_main_process:
+        return 0  # the main process reports the run
     print("\n" + format_table(json.loads((run_dir / "metrics.json").read_text())))
     print(f"\nDone. Run folder: {run_dir}\n  strips:  {run_dir / 'thumbnails'}\n  metrics: {run_dir / 'metrics.json'}"
           f"\n  browse:  make ui  (MLflow on http://127.0.0.1:5000)")

@@ -110,6 +110,7 @@ def test_lora_alpha_and_config_travel_with_the_weights(finished_run):
     lora_meta = json.loads(meta["lora_adapter_metadata"])
     assert lora_meta["unet.r"] == 4 and lora_meta["unet.lora_alpha"] == 8
     assert json.loads(meta["research_config"])["rank"] == 4
+    assert meta["research_prediction_type"] == "epsilon"  # the tiny base's own: the config left it empty
 
 
 def test_kohya_copy_has_the_expected_keys_and_alpha(finished_run):
@@ -120,8 +121,8 @@ def test_kohya_copy_has_the_expected_keys_and_alpha(finished_run):
     for module in modules:
         name = "lora_unet_" + module.removeprefix("unet.").replace(".", "_")
         down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
-        assert torch.equal(down, diffusers_sd[f"{module}.lora.down.weight"])
-        assert torch.equal(up, diffusers_sd[f"{module}.lora.up.weight"])
+        assert torch.equal(down, diffusers_sd[f"{module}.lora_A.weight"])
+        assert torch.equal(up, diffusers_sd[f"{module}.lora_B.weight"])
         assert float(kohya[f"{name}.alpha"]) == 8.0  # the trained alpha, not the rank
 
 
@@ -264,14 +265,25 @@ def test_metrics_figure_reads_mlflow_and_draws(finished_run, tmp_path, monkeypat
     assert report.main(["--experiment", "no-such-experiment"]) == 2
 
 
-def test_metrics_figure_draws_an_interval_that_excludes_the_mean(tmp_path):
-    """FID's bootstrap interval on small sets can lie above the point estimate; the figure still draws."""
+def test_interval_bars_reach_from_the_point_to_each_end(tmp_path, caplog):
+    import matplotlib
 
-    report = load_report("metrics_figure")
-    rows = [dict(run="r", run_id="x", start=0, arm=arm, metric="fid", mean=99.0, lo=112.0, hi=146.0, n=64)
-            for arm in ("baseline", "adapter")]
-    out = report.draw(rows, tmp_path / "fid.png", "t")
-    assert out.stat().st_size > 1000
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from research.figures import point_and_interval
+
+    fig, ax = plt.subplots()
+    point_and_interval(ax, [0, 1], [1.0, 5.0], [0.5, 2.0], [3.0, 5.0], "black")
+    (bars,) = [c for c in ax.containers]
+    segments = bars.lines[2][0].get_segments()
+    assert [tuple(seg[:, 1]) for seg in segments] == [(0.5, 3.0), (2.0, 5.0)]
+    # a record from before intervals were centred on their estimates: the point, no bar, and a warning
+    fig, ax = plt.subplots()
+    point_and_interval(ax, [0], [99.0], [112.0], [146.0], "black")
+    (bars,) = [c for c in ax.containers]
+    assert [tuple(seg[:, 1]) for seg in bars.lines[2][0].get_segments()] == [(99.0, 99.0)]
+    assert "do not contain their estimate" in caplog.text
 
 
 def test_random_crop_and_text_encoder_lora_paths(tiny_model, odd_style_dir, tmp_path):

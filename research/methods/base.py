@@ -24,14 +24,16 @@ class Components:
     vae: Any
     text_encoder: Any
     tokenizer: Any
-    noise_scheduler: Any  # DDPMScheduler built from the base model's scheduler config
+    noise_scheduler: Any  # DDPMScheduler for training: the base's config, with the prediction type trained
+    base_scheduler_config: Any = None  # the base model's own scheduler config (what the base predicts)
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "Components":
+    def from_pipeline(cls, pipe, prediction_type: str = "") -> "Components":
         from diffusers import DDPMScheduler
 
+        overrides = {"prediction_type": prediction_type} if prediction_type else {}
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                   DDPMScheduler.from_config(pipe.scheduler.config))
+                   DDPMScheduler.from_config(pipe.scheduler.config, **overrides), pipe.scheduler.config)
 
 
 class Method:
@@ -90,6 +92,8 @@ class Method:
         raise NotImplementedError
 
 
-def config_metadata(cfg) -> dict[str, str]:
-    """The resolved config travels inside every saved artifact (safetensors metadata)."""
-    return {"research_config": json.dumps(cfg.to_dict(), sort_keys=True), "research_method": cfg.method}
+def config_metadata(cfg, prediction_type: str = "") -> dict[str, str]:
+    """The resolved config travels inside every saved artifact (safetensors metadata), with the prediction
+    type the weights were trained for (the base model's when the config leaves it empty)."""
+    return {"research_config": json.dumps(cfg.to_dict(), sort_keys=True), "research_method": cfg.method,
+            "research_prediction_type": prediction_type or cfg.prediction_type}

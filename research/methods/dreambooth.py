@@ -82,10 +82,7 @@ class DreamBooth(Method):
         return ExtraBatches(latents=latents, hidden=hidden, weight=self.cfg.prior_loss_weight)
 
     def _class_images(self, c: Components, folder: Path) -> list:
-        from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-        from research.models import make_sampler
-        from research.sample import MANIFEST, generate, load_set, plan_jobs, save_set
+        from research.sample import MANIFEST, generate_while_training, load_set, plan_jobs, save_set, training_pipeline
 
         # seeds apart from the evaluation seeds (cfg.seed + k), so class and eval images never share noise
         jobs = plan_jobs([self.cfg.class_prompt], self.cfg.num_class_images, self.cfg.seed + 100_000)
@@ -93,17 +90,9 @@ class DreamBooth(Method):
             images, saved = load_set(folder)
             if saved == jobs:
                 return images
-        device = c.unet.device
-        pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                                       scheduler=DDPMScheduler.from_config(c.noise_scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = make_sampler(pipe, self.cfg.sampler)
-        pipe.set_progress_bar_config(disable=True)
-        half = c.vae.dtype != torch.float32  # the UNet is fp32 now, the rest of the base may be bf16/fp16
-        with torch.autocast(device.type, dtype=c.vae.dtype, enabled=half and device.type == "cuda"):
-            images = generate(pipe, jobs, num_inference_steps=self.cfg.num_inference_steps,
-                              guidance_scale=self.cfg.guidance_scale, resolution=self.cfg.resolution,
-                              batch_size=self.cfg.sample_batch_size, desc="class images")
+        # the prior is the base model as it is: its own prediction type, not the one this run trains
+        pipe = training_pipeline(c, self.cfg.sampler, scheduler_config=c.base_scheduler_config)
+        images = generate_while_training(pipe, jobs, self.cfg, desc="class images")
         save_set(images, jobs, folder)
         return images
 

@@ -1,6 +1,6 @@
 """LoRA on the UNet attention projections (and optionally the text encoder), with peft.
 
-Saved as ``pytorch_lora_weights.safetensors`` in diffusers keys (loads with
+Saved as ``pytorch_lora_weights.safetensors`` in peft's keys under diffusers' component prefixes (loads with
 ``StableDiffusionPipeline.load_lora_weights``; rank and alpha kept in its metadata so the loaded
 scale is right) and as ``lora_kohya.safetensors`` in the kohya/A1111 key format that ComfyUI and
 the web UIs read.
@@ -8,7 +8,6 @@ the web UIs read.
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -57,15 +56,19 @@ class LoRA(Method):
         return groups
 
     def lora_state_dicts(self, c: Components) -> dict[str, dict[str, torch.Tensor]]:
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """peft's own keys (``<module>.lora_A.weight`` / ``.lora_B.weight``) for every component.
+
+        diffusers' training examples convert these to its older names, which differ per component
+        (``lora.down`` for UNet attention, ``lora_linear_layer.down`` for the text encoder, peft's for
+        convs): one file would hold three schemes. load_lora_weights reads peft keys for UNet and text
+        encoder alike, and so do the kohya converter and the blend, so one scheme serves all.
+        """
         from peft.utils import get_peft_model_state_dict
 
-        layers = {"unet": convert_state_dict_to_diffusers(get_peft_model_state_dict(c.unet))}
+        layers = {"unet": get_peft_model_state_dict(c.unet)}
         if self.cfg.train_text_encoder:
-            layers["text_encoder"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(c.text_encoder))
-        # diffusers' converter renames attention layers only; name conv layers (and any other) the same way,
-        # so a file has one key scheme (load_lora_weights reads both, the blend and kohya export need one)
-        return {k: {_legacy_key(n): t.detach().to("cpu", torch.float32).contiguous() for n, t in v.items()}
+            layers["text_encoder"] = get_peft_model_state_dict(c.text_encoder)
+        return {k: {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in v.items()}
                 for k, v in layers.items()}
 
     def save(self, c: Components, checkpoint_dir: Path, metadata: dict[str, str]) -> list[Path]:
@@ -98,23 +101,36 @@ class LoRA(Method):
         pipe.set_adapters([ADAPTER], adapter_weights=[scale])
 
 
-def _legacy_key(name: str) -> str:
-    return name.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
+# the names earlier versions of this project (and diffusers' examples) wrote, mapped to peft's
+LEGACY_KEYS = {".lora.down.weight": ".lora_A.weight", ".lora.up.weight": ".lora_B.weight",
+               ".lora_linear_layer.down.weight": ".lora_A.weight", ".lora_linear_layer.up.weight": ".lora_B.weight"}
 
 
-def to_kohya(diffusers_tensors: dict[str, torch.Tensor], lora_alpha: float) -> dict[str, torch.Tensor]:
-    """kohya/A1111 keys (``lora_unet_..._to_q.lora_down.weight`` + ``.alpha``) from diffusers keys.
+def peft_key(name: str) -> str:
+    """A LoRA tensor name in peft's scheme, whichever of the older diffusers schemes it was written in."""
+    for old, new in LEGACY_KEYS.items():
+        if name.endswith(old):
+            return name[:-len(old)] + new
+    return name
 
-    diffusers' converter writes alpha = rank, which silently rescales any adapter trained with
-    alpha != rank; we write the alpha the adapter was trained with.
+
+def to_kohya(tensors: dict[str, torch.Tensor], lora_alpha: float) -> dict[str, torch.Tensor]:
+    """kohya/A1111 keys (``lora_unet_..._to_q.lora_down.weight`` + ``.alpha``) from a diffusers file.
+
+    Two departures from diffusers' convert_state_dict_to_kohya, whose output we fix up:
+    it writes alpha = rank, which silently rescales any adapter trained with alpha != rank, so we write
+    the alpha the adapter was trained with; and it names SD 1.x text-encoder layers ``lora_te1_encoder_…``
+    (the SDXL prefix, without the CLIP module path), where sd-scripts and the web UIs expect
+    ``lora_te_text_model_encoder_…``.
     """
-    from diffusers.utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+    from diffusers.utils import convert_state_dict_to_kohya
 
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(diffusers_tensors))
-    return {k: (torch.tensor(float(lora_alpha)) if k.endswith(".alpha") else v.contiguous())
-            for k, v in kohya.items()}
+    kohya = convert_state_dict_to_kohya({peft_key(k): v for k, v in tensors.items()})
+    out = {}
+    for key, value in kohya.items():
+        if key.startswith("lora_te1_"):
+            rest = key[len("lora_te1_"):]
+            key = "lora_te_" + (rest if rest.startswith("text_model_") else "text_model_" + rest)
+        out[key] = torch.tensor(float(lora_alpha)) if key.endswith(".alpha") else value.contiguous()
+    return out
 
-
-def read_config_metadata(path: Path) -> dict:
-    with safe_open(path, framework="pt") as f:
-        return json.loads((f.metadata() or {}).get("research_config", "{}"))

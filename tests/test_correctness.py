@@ -1,0 +1,174 @@
+"""Defects that once gave wrong results without an error: the prediction type end to end, text-encoder
+LoRA files, multi-process runs. Each test runs the real entry point on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import tiny_train_args
+from research.train import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def only_run(out: Path) -> Path:
+    (run,) = [p for p in (out / "test").iterdir() if p.is_dir()]
+    return run
+
+
+def fresh_pipeline(model: Path, sampler_config: dict | None = None):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **(sampler_config or {}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def render(pipe, prompt: str, seed: int) -> np.ndarray:
+    out = pipe([prompt], num_inference_steps=2, guidance_scale=7.5, height=32, width=32,
+               generator=[torch.Generator().manual_seed(seed)])
+    return np.asarray(out.images[0], dtype=np.int16)
+
+
+# ─── prediction type ─────────────────────────────────────────────────────────────────────────
+@pytest.fixture(scope="module")
+def v_run(tiny_model, odd_style_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("v")
+    assert main(tiny_train_args(odd_style_dir, tiny_model, out, prediction_type="v_prediction", sampler="dpm++")
+                + ["--no-tracking"]) == 0
+    return only_run(out)
+
+
+def test_v_prediction_adapter_is_sampled_as_v_and_the_baseline_as_the_base(v_run, tiny_model):
+    with safe_open(v_run / "checkpoints" / "pytorch_lora_weights.safetensors", framework="pt") as f:
+        assert f.metadata()["research_prediction_type"] == "v_prediction"
+    manifest = json.loads((v_run / "inference" / "manifest.json").read_text())
+    job = manifest[0]
+    adapter_image = np.asarray(Image.open(v_run / "inference" / job["file"]), dtype=np.int16)
+    baseline_image = np.asarray(Image.open(v_run / "inference" / "baseline" / job["file"]), dtype=np.int16)
+
+    v_pipe = fresh_pipeline(tiny_model, {"prediction_type": "v_prediction"})
+    v_pipe.load_lora_weights(str(v_run / "checkpoints"), weight_name="pytorch_lora_weights.safetensors")
+    as_v = render(v_pipe, job["prompt"], job["seed"])
+    eps_pipe = fresh_pipeline(tiny_model)
+    eps_pipe.load_lora_weights(str(v_run / "checkpoints"), weight_name="pytorch_lora_weights.safetensors")
+    as_eps = render(eps_pipe, job["prompt"], job["seed"])
+    assert np.abs(as_v - as_eps).max() > 2  # the check can tell the two apart
+    assert np.abs(adapter_image - as_v).max() <= 1  # PNG rounding only
+    assert np.abs(baseline_image - render(fresh_pipeline(tiny_model), job["prompt"], job["seed"])).max() <= 1
+
+
+def test_a_base_model_predicting_something_else_is_refused(tiny_model, odd_style_dir, tmp_path, capsys):
+    odd = tmp_path / "sample_model"
+    shutil.copytree(tiny_model, odd)
+    config = odd / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
+    assert main(tiny_train_args(odd_style_dir, odd, tmp_path / "out") + ["--no-tracking"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "'sample'" in last and "--prediction-type" in last
+
+
+def test_dreambooth_class_images_come_from_the_base_as_it_predicts(tiny_model, odd_style_dir, tmp_path):
+    from research.config import TrainConfig
+    from research.methods import Components, get_method
+    from research.models import load_pipeline
+
+    cfg = TrainConfig(method="dreambooth", resolution=32, num_class_images=1, num_inference_steps=2,
+                      with_prior_preservation=True, prediction_type="v_prediction", sampler="dpm++", seed=3)
+    c = Components.from_pipeline(load_pipeline(str(tiny_model)), cfg.prediction_type)
+    assert c.noise_scheduler.config.prediction_type == "v_prediction"
+    (image,) = get_method(cfg)._class_images(c, tmp_path / "class")
+    expected = render(fresh_pipeline(tiny_model), cfg.class_prompt, cfg.seed + 100_000)
+    assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1
+
+
+# ─── text-encoder LoRA ──────────────────────────────────────────────────────────────────────
+@pytest.fixture(scope="module")
+def te_runs(tiny_model, odd_style_dir, tmp_path_factory) -> list[Path]:
+    runs = []
+    for seed in (3, 4):
+        out = tmp_path_factory.mktemp(f"te{seed}")
+        assert main(tiny_train_args(odd_style_dir, tiny_model, out, train_text_encoder="true", text_encoder_lr=1e-2,
+                                    seed=seed) + ["--no-tracking"]) == 0
+        runs.append(only_run(out))
+    return runs
+
+
+def test_text_encoder_adapter_file_has_one_key_scheme_and_a_complete_kohya_copy(te_runs):
+    tensors = load_file(te_runs[0] / "checkpoints" / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in tensors) and any(k.startswith("unet.") for k in tensors)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors), sorted(tensors)[:4]
+    kohya = load_file(te_runs[0] / "checkpoints" / "lora_kohya.safetensors")
+    te = sorted(k for k in kohya if k.startswith("lora_te_"))
+    assert te and all(k.startswith("lora_te_text_model_encoder_layers_") for k in te)
+    assert all(k.startswith(("lora_te_", "lora_unet_")) for k in kohya)  # sd-scripts' names, nothing unconverted
+    for name in {k.rsplit(".", 2)[0] for k in kohya if not k.endswith(".alpha")}:
+        assert float(kohya[f"{name}.alpha"]) == 8.0  # the trained alpha on text-encoder modules too
+
+
+def test_text_encoder_adapter_loads_from_both_files_with_the_same_image(te_runs, tiny_model):
+    folder = te_runs[0] / "checkpoints"
+    base = render(fresh_pipeline(tiny_model), "a striped card", 0)
+    images = []
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        pipe = fresh_pipeline(tiny_model)
+        pipe.load_lora_weights(str(folder), weight_name=name)
+        images.append(render(pipe, "a striped card", 0))
+    assert np.abs(images[0] - base).max() > 2 and np.abs(images[0] - images[1]).max() <= 1
+
+    # the text-encoder half alone changes the image: the encoder LoRA is really loaded
+    pipe = fresh_pipeline(tiny_model)
+    pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors")
+    assert pipe.text_encoder.peft_config  # the loader put an adapter on the text encoder
+
+
+def test_text_encoder_adapters_blend(te_runs, tmp_path):
+    from research import blend
+
+    a, b = blend.load_adapter(te_runs[0]), blend.load_adapter(te_runs[1])
+    assert any(m.startswith("text_encoder.") for m in a.modules)
+    for t in (0.0, 0.3, 1.0):
+        mixed_tensors, meta = blend.blend_state_dict(a, b, t)
+        mixed = blend.Adapter("mix", tmp_path, mixed_tensors, meta, a.cfg)
+        for m in a.modules:
+            assert torch.allclose(mixed.delta(m), (1 - t) * a.delta(m) + t * b.delta(m), atol=1e-5), m
+    files = blend.export_blend(a, b, 0.5, tmp_path / "export")
+    assert all(p.is_file() for p in files)
+
+
+# ─── multi-process ───────────────────────────────────────────────────────────────────────────
+def test_two_processes_write_one_run(tiny_model, odd_style_dir, tmp_path):
+    """torchrun with two CPU processes (gloo) through the real entry point."""
+    out = tmp_path / "runs"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", HF_HUB_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "research.train", *tiny_train_args(odd_style_dir, tiny_model, out, max_train_steps=4,
+                                                     checkpointing_steps=2)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(out)
+    assert (run / "checkpoints" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "metrics.json").is_file() and len(list((run / "inference").glob("*.png"))) == 4
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert "world size 2" in (run / "logs.txt").read_text()
+    pipe = fresh_pipeline(tiny_model)
+    pipe.load_lora_weights(str(run / "checkpoints"), weight_name="pytorch_lora_weights.safetensors")
