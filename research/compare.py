@@ -9,7 +9,7 @@ the method and its learning rate changed. Each method is its own MLflow run in e
 tagged comparison=<id>; the comparison folder runs/exp3/<timestamp>_compare/ gets comparison.json
 (quality from each run's metrics.json + cost) and comparison.png.
 
-Learning rates: each method keeps the SD 1.5 recipe's rate (DEFAULT_LEARNING_RATES) scaled by
+Learning rates: each method keeps the SD 1.5 recipe's rate (RECIPE_LEARNING_RATES) scaled by
 --learning-rate / 1e-4, i.e. --learning-rate sets LoRA's rate and the others keep their ratio to it
 (the toy config's 1e-3 gives TI 5e-2 and DreamBooth 5e-5); --learning-rates method=value pins one.
 
@@ -33,15 +33,13 @@ from typing import Callable
 
 from research.atomic import save_figure, write_json
 from research.figures import point_and_interval
-from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, parse_bool
+from research.config import (RECIPE_LEARNING_RATES, ConfigError, TrainConfig, add_config_arguments, config_from_args,
+                             parse_bool)
 from research.methods import METHODS
 
 log = logging.getLogger("research")
 
-# SD 1.5 learning rates of each method's reference recipe: LoRA 1e-4 (diffusers train_text_to_image_lora),
-# TI 5e-3 (diffusers textual_inversion: 5e-4 scaled by batch x accumulation), DreamBooth 5e-6 (train_dreambooth)
-DEFAULT_LEARNING_RATES = {"lora": 1e-4, "textual_inversion": 5e-3, "dreambooth": 5e-6}
-REFERENCE_LR = DEFAULT_LEARNING_RATES["lora"]
+REFERENCE_LR = RECIPE_LEARNING_RATES["lora"]
 COST_KEYS = ["train_seconds", "steps_per_second", "peak_memory_mb", "trainable_params", "artifact_bytes"]
 BUDGET_KEYS = ["max_train_steps", "train_batch_size", "gradient_accumulation_steps", "seed", "resolution",
                "num_eval_images", "sampler", "num_inference_steps", "guidance_scale", "holdout_fraction"]
@@ -49,7 +47,7 @@ BUDGET_KEYS = ["max_train_steps", "train_batch_size", "gradient_accumulation_ste
 
 def learning_rates(cfg: TrainConfig, methods: list[str], pinned: str) -> dict[str, float]:
     scale = cfg.learning_rate / REFERENCE_LR
-    rates = {m: DEFAULT_LEARNING_RATES[m] * scale for m in methods}
+    rates = {m: RECIPE_LEARNING_RATES[m] * scale for m in methods}
     for item in filter(None, (p.strip() for p in pinned.split(","))):
         name, _, value = item.partition("=")
         try:
@@ -234,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated methods to compare (default: all of them)")
     parser.add_argument("--learning-rates", "--learning_rates", dest="learning_rates", default="",
                         help="pin a method's learning rate, e.g. dreambooth=2e-6,textual_inversion=1e-3 "
-                             f"(default: {DEFAULT_LEARNING_RATES} scaled by --learning-rate / {REFERENCE_LR:g})")
+                             f"(default: {RECIPE_LEARNING_RATES} scaled by --learning-rate / {REFERENCE_LR:g})")
     parser.add_argument("--fresh-processes", "--fresh_processes", dest="fresh_processes", type=parse_bool,
                         default=True, metavar="BOOL",
                         help="train each method in its own fresh process (fair timings, per-method peak memory, "

@@ -26,6 +26,12 @@ CONFIGS_DIR = PACKAGE_DIR / "configs"
 TOY_CONFIG = CONFIGS_DIR / "toy.json"
 
 
+# The SD 1.5 recipes' learning rates, by method: what --learning-rate 0 (the default) means. LoRA 1e-4
+# (diffusers train_text_to_image_lora), TI 5e-3 (diffusers textual_inversion: 5e-4 scaled by batch x
+# accumulation), DreamBooth 5e-6 (diffusers train_dreambooth).
+RECIPE_LEARNING_RATES = {"lora": 1e-4, "textual_inversion": 5e-3, "dreambooth": 5e-6}
+
+
 class ConfigError(ValueError):
     """A config value a person must fix; the message says how."""
 
@@ -65,7 +71,7 @@ class TrainConfig:
     max_train_steps: int = 1000  # optimizer steps (after gradient accumulation)
     train_batch_size: int = 2  # images per device per micro-step
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
-    learning_rate: float = 1e-4  # AdamW learning rate of what the method trains (SD 1.5: LoRA 1e-4, TI 5e-3, DreamBooth 5e-6)
+    learning_rate: float = 0.0  # AdamW learning rate of what the method trains; 0 = the method's SD 1.5 recipe (LoRA 1e-4, TI 5e-3, DreamBooth 5e-6)
     text_encoder_lr: float = 5e-5  # learning rate for text-encoder weights, when they train
     adam_weight_decay: float = 1e-2  # decoupled weight decay
     use_8bit_adam: bool = False  # bitsandbytes AdamW8bit (GPU only) to save optimizer memory
@@ -81,7 +87,7 @@ class TrainConfig:
     cache_latents: bool = True  # encode images once with the frozen VAE instead of every step
     seed: int = 1126  # seeds data order, noise, timesteps and sampling (seed study's value)
     # ── checkpoints ───────────────────────────────────────────────────────────────────────────
-    checkpointing_steps: int = 500  # save resumable state every N steps; 0 = only at the end
+    checkpointing_steps: int = 500  # save resumable state every N steps; 0 = none (the adapter itself is always saved at the end)
     checkpoints_total_limit: int = 2  # keep this many resumable states; older ones are deleted
     resume_from_checkpoint: str = ""  # "latest" or a path to a state folder; needs --run-dir of that run
     # ── sampling ──────────────────────────────────────────────────────────────────────────────
@@ -125,6 +131,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source} has unknown keys {unknown}; valid keys are the flags of --help.")
         cfg = cls(**{k: _coerce(known[k], v, source) for k, v in values.items()})
+        if cfg.learning_rate == 0 and cfg.method in RECIPE_LEARNING_RATES:  # config.json keeps the rate that ran
+            cfg.learning_rate = RECIPE_LEARNING_RATES[cfg.method]
         cfg.validate()
         return cfg
 
@@ -162,7 +170,7 @@ class TrainConfig:
                                   "and a non-empty --class-prompt.")
         if self.method == "lora" and self.rank <= 0:
             raise ConfigError(f"--rank must be a positive integer, got {self.rank}.")
-        for name in ["learning_rate", "lora_alpha"]:
+        for name in ["learning_rate", "lora_alpha"]:  # learning_rate 0 was resolved to the recipe's in from_dict
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{_flag(name)} must be a positive finite number, got {value}.")
@@ -235,18 +243,34 @@ class _Typed(argparse.Action):
         namespace._typed = typed | {self.dest}
 
 
+def _sections() -> dict[str, str]:
+    """Each field's section in TrainConfig ("# ── data ──" lines), so --help lists the flags in groups."""
+    sections, current = {}, "options"
+    names = {f.name for f in fields(TrainConfig)}
+    for line in Path(__file__).read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# ──") and stripped.strip("# ─"):
+            current = stripped.strip("# ─").strip()
+        elif ":" in stripped and stripped.split(":", 1)[0] in names:
+            sections.setdefault(stripped.split(":", 1)[0], current)
+    return sections
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
-    """Add one flag per config field (``--kebab-case`` and its ``--snake_case`` twin)."""
-    comments = _help_comments()
+    """Add one flag per config field (``--kebab-case`` and its ``--snake_case`` twin), grouped by section."""
+    comments, sections, groups = _help_comments(), _sections(), {}
     parser.add_argument("--config", default="", help="JSON file of config values (e.g. research/configs/toy.json)")
     for f in fields(TrainConfig):
         if names is not None and f.name not in names:
             continue
+        section = sections.get(f.name, "options")
+        if section not in groups:
+            groups[section] = parser.add_argument_group(section)
         kind = _field_type(f)
         flags = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        parser.add_argument(*flags, dest=f.name, default=f.default, type=parse_bool if kind is bool else kind, action=_Typed,
-                            metavar=kind.__name__.upper(),
-                            help=f"{comments.get(f.name, '')} (default: {f.default!r})")
+        groups[section].add_argument(*flags, dest=f.name, default=f.default, type=parse_bool if kind is bool else kind,
+                                     action=_Typed, metavar=kind.__name__.upper(),
+                                     help=f"{comments.get(f.name, '')} (default: {f.default!r})")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

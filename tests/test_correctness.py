@@ -172,3 +172,57 @@ def test_two_processes_write_one_run(tiny_model, odd_style_dir, tmp_path):
     assert "world size 2" in (run / "logs.txt").read_text()
     pipe = fresh_pipeline(tiny_model)
     pipe.load_lora_weights(str(run / "checkpoints"), weight_name="pytorch_lora_weights.safetensors")
+
+
+# ─── smaller ones ─────────────────────────────────────────────────────────────────────────────
+def test_each_method_defaults_to_its_recipe_learning_rate_and_a_typed_rate_wins():
+    from research.config import RECIPE_LEARNING_RATES, TrainConfig, add_config_arguments, config_from_args
+
+    import argparse
+
+    def parsed(*argv):
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser)
+        return config_from_args(parser.parse_args(list(argv)))
+
+    assert parsed("--method", "dreambooth").learning_rate == RECIPE_LEARNING_RATES["dreambooth"] == 5e-6
+    assert parsed("--method", "textual_inversion").learning_rate == 5e-3
+    assert parsed().learning_rate == 1e-4
+    assert parsed("--method", "dreambooth", "--learning-rate", "2e-6").learning_rate == 2e-6
+    assert TrainConfig.from_dict({"method": "dreambooth"}).learning_rate == 5e-6
+
+
+def test_help_lists_flags_in_sections():
+    from research.train import build_parser
+
+    text = build_parser().format_help()
+    for section in ("data:", "base model:", "method:", "optimisation:", "checkpoints:", "sampling:", "evaluation:",
+                    "tracking:"):
+        assert f"\n{section}\n" in text, section
+    body = text[text.index("\ndata:\n"):]  # past the usage line, which names every flag too
+    assert body.index("--style-dir") < body.index("\nmethod:\n") < body.index("--rank ") < body.index("\noptimisation:\n")
+
+
+def test_validation_samples_in_eval_mode_and_leaves_training_as_it_was(tiny_model, monkeypatch):
+    from research import sample
+    from research.config import TrainConfig
+    from research.methods import Components
+    from research.models import load_pipeline
+    from research.train import StepInfo, ValidationHook
+
+    c = Components.from_pipeline(load_pipeline(str(tiny_model)))
+    c.unet.train()
+    c.text_encoder.train()
+    seen = {}
+
+    def fake_generate(pipe, jobs, cfg, desc, prompt_fn=lambda p: p):
+        seen.update(unet=pipe.unet.training, text_encoder=pipe.text_encoder.training)
+        return [Image.new("RGB", (8, 8))] * len(jobs)
+
+    monkeypatch.setattr(sample, "generate_while_training", fake_generate)
+    logged = []
+    tracker = type("T", (), {"log_image": lambda self, image, name, step=None: logged.append(name)})()
+    hook = ValidationHook(TrainConfig(validation_steps=2), tracker, ["a", "b"])
+    hook.on_step(StepInfo(2), c)
+    assert seen == {"unet": False, "text_encoder": False} and len(logged) == 2
+    assert c.unet.training and c.text_encoder.training and not c.vae.training
