@@ -112,6 +112,10 @@ class TrainConfig:
     log_every: int = 10  # log loss/lr to MLflow and the progress bar every N steps
 
     # ─────────────────────────────────────────────────────────────────────────────────────────
+    def __post_init__(self) -> None:
+        if self.learning_rate == 0 and self.method in RECIPE_LEARNING_RATES:  # config.json keeps the rate that ran
+            self.learning_rate = RECIPE_LEARNING_RATES[self.method]
+
     def resolved_style_name(self) -> str:
         return self.style_name or Path(self.style_dir).name
 
@@ -131,8 +135,6 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"{source} has unknown keys {unknown}; valid keys are the flags of --help.")
         cfg = cls(**{k: _coerce(known[k], v, source) for k, v in values.items()})
-        if cfg.learning_rate == 0 and cfg.method in RECIPE_LEARNING_RATES:  # config.json keeps the rate that ran
-            cfg.learning_rate = RECIPE_LEARNING_RATES[cfg.method]
         cfg.validate()
         return cfg
 
@@ -170,7 +172,7 @@ class TrainConfig:
                                   "and a non-empty --class-prompt.")
         if self.method == "lora" and self.rank <= 0:
             raise ConfigError(f"--rank must be a positive integer, got {self.rank}.")
-        for name in ["learning_rate", "lora_alpha"]:  # learning_rate 0 was resolved to the recipe's in from_dict
+        for name in ["learning_rate", "lora_alpha"]:  # learning_rate 0 became the recipe's in __post_init__
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{_flag(name)} must be a positive finite number, got {value}.")
