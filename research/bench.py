@@ -2,7 +2,7 @@
 
     python -m research.bench                                    # the toy model and toy recipe, on this machine
     python -m research.bench --model sd15 --device cuda --resolution 512 --batch-size 8   # SD 1.5 shapes (GPU)
-    python -m research.bench --no-growth --rounds 3             # only the side-by-side
+    python -m research.bench --parts memory --rounds 3         # side by side, no sampling/eval/growth
 
 Our training step (research.train.train, the real loop, with its cached latents and text
 embeddings) and the reference loop (research.bench_reference, the plain diffusers-example style)
@@ -43,6 +43,7 @@ from research.metrics.stats import summarize
 ARMS = ("ours", "reference")
 GROWTH = {"cpu": dict(dataset_size=[16, 64, 256], resolution=[64, 128, 256], rank=[4, 8, 32]),
           "cuda": dict(dataset_size=[16, 64, 256], resolution=[256, 512, 768], rank=[4, 16, 64])}
+PARTS = ("memory", "sampling", "evaluation", "growth")
 OUT_DIR = Path(__file__).resolve().parent.parent / "reports" / "bench"
 
 
@@ -221,16 +222,13 @@ def peak_memory(bench: Bench) -> dict:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["research.bench_reference", "research.train"])
     cfg = bench.config(steps=3).to_dict()
-    peaks = {arm: [] for arm in ARMS}
-    start = {}
-    for i in range(bench.args.memory_repeats):
-        for arm in ARMS:
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                out = pool.submit(_peak_in_child, arm, cfg, bench.args.threads, str(bench.tmp / f"mem-{arm}-{i}")).result()
-            peaks[arm].append(out["peak_memory_mb"])
-            start[arm] = out["start_rss_mb"]
-    result = {arm: summarize(peaks[arm]) | {"process_start_mb": start[arm]} for arm in ARMS}
-    return result
+    workers = 1 if bench.device.type == "cuda" else len(ARMS)  # a GPU child has the card to itself
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+        runs = [(arm, pool.submit(_peak_in_child, arm, cfg, bench.args.threads, str(bench.tmp / f"mem-{arm}-{i}")))
+                for i in range(bench.args.memory_repeats) for arm in ARMS]
+        results = [(arm, future.result()) for arm, future in runs]
+    return {arm: summarize([r["peak_memory_mb"] for a, r in results if a == arm])
+            | {"process_start_mb": max(r["start_rss_mb"] for a, r in results if a == arm)} for arm in ARMS}
 
 
 # ─── 3. the machine's limit ───────────────────────────────────────────────────────────────────
@@ -332,7 +330,7 @@ def _cpu_name() -> str:
 
 
 def run_bench(args: argparse.Namespace) -> dict:
-    from research.models import pick_device
+    from research.models import pick_device, pick_precision
     from research.random_models import build_random_pipeline
 
     torch.set_num_threads(args.threads)
@@ -345,18 +343,21 @@ def run_bench(args: argparse.Namespace) -> dict:
         report["limit"] = {"matmul_flops_per_second": matmul_rate(device)}
         report["train"], adapter_run = side_by_side(bench)
         add_utilisation(report["train"], report["limit"]["matmul_flops_per_second"])
-        memory = peak_memory(bench)
-        for arm in ARMS:
-            report["train"][arm]["peak_memory_mb"] = memory[arm]
-        report["sampling"] = sampling_speed(bench, adapter_run)
-        report["evaluation"] = evaluation_speed(bench)
-        if args.growth:
+        if "memory" in args.parts:
+            for arm, peak in peak_memory(bench).items():
+                report["train"][arm]["peak_memory_mb"] = peak
+        if "sampling" in args.parts:
+            report["sampling"] = sampling_speed(bench, adapter_run)
+        if "evaluation" in args.parts:
+            report["evaluation"] = evaluation_speed(bench)
+        if "growth" in args.parts:
             report["growth"] = growth(bench)
         cfg = bench.config(args.steps)
         report["setup"] = {"model": args.model, "config": str(args.config), "resolution": cfg.resolution,
                            "batch_size": cfg.train_batch_size, "rank": cfg.rank, "lora_alpha": cfg.lora_alpha,
                            "unet_target_modules": cfg.unet_target_modules, "dataset_size": args.dataset_size,
-                           "steps_per_round": args.steps, "rounds": args.rounds, "precision": cfg.mixed_precision}
+                           "steps_per_round": args.steps, "rounds": args.rounds,
+                           "precision": pick_precision(cfg.mixed_precision, device)}
     report["machine"]["load_average_after"] = list(os.getloadavg())
     return report
 
@@ -379,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-images", type=int, default=32, help="images timed for sampling (after one warm-up batch)")
     p.add_argument("--eval-images", type=int, default=64, help="images per arm timed for evaluation")
     p.add_argument("--eval-repeats", type=int, default=3)
-    p.add_argument("--no-growth", dest="growth", action="store_false", help="skip the cost-growth sweep")
+    p.add_argument("--parts", type=lambda t: set(t.split(",")), default=set(PARTS),
+                   help=f"what to measure besides training speed and MFU: any of {','.join(PARTS)}")
     p.add_argument("--growth-steps", type=int, default=4, help="steps per growth point (the first is warm-up)")
     p.add_argument("--growth-dataset-sizes", type=_ints, default=None)
     p.add_argument("--growth-resolutions", type=_ints, default=None)
@@ -401,6 +403,8 @@ def check_args(args: argparse.Namespace) -> None:
     if min(args.rounds, args.memory_repeats, args.eval_repeats, args.threads, args.sample_images, args.eval_images) < 1:
         raise ConfigError("--rounds, --memory-repeats, --eval-repeats, --threads, --sample-images and --eval-images "
                           "must be at least 1.")
+    if args.parts - set(PARTS):
+        raise ConfigError(f"--parts takes a comma list of {', '.join(PARTS)}; got {','.join(sorted(args.parts))}.")
     if args.before and not Path(args.before).is_file():
         raise ConfigError(f"--before {args.before} does not exist; pass an earlier results.json or drop the flag.")
     device_type = "cuda" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
