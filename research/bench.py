@@ -263,7 +263,7 @@ def sampling_speed(bench: Bench, adapter_run: Path) -> dict:
     pipe = make_sampler(load_pipeline(cfg.base_model, dtype).to(bench.device), cfg.sampler)
     get_method(cfg).load_into(pipe, adapter_run / "checkpoints")
     pipe.set_progress_bar_config(disable=True)
-    batch = min(cfg.sample_batch_size, bench.args.sample_images)
+    batch = min(bench.args.sample_batch_size or cfg.sample_batch_size, bench.args.sample_images)
     jobs = plan_jobs(style_folder_for(cfg).validation_prompts, bench.args.sample_images + batch, cfg.seed)
     rates = []
     for start in range(0, len(jobs), batch):
@@ -353,7 +353,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         if "growth" in args.parts:
             report["growth"] = growth(bench)
         cfg = bench.config(args.steps)
-        report["setup"] = {"model": args.model, "config": str(args.config), "resolution": cfg.resolution,
+        report["setup"] = {"model": args.model, "config": os.path.relpath(args.config), "resolution": cfg.resolution,
                            "batch_size": cfg.train_batch_size, "rank": cfg.rank, "lora_alpha": cfg.lora_alpha,
                            "unet_target_modules": cfg.unet_target_modules, "dataset_size": args.dataset_size,
                            "steps_per_round": args.steps, "rounds": args.rounds,
@@ -378,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="timed rounds of both arms, after one warm-up round")
     p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per arm for peak memory")
     p.add_argument("--sample-images", type=int, default=32, help="images timed for sampling (after one warm-up batch)")
+    p.add_argument("--sample-batch-size", type=int, default=0, help="0 = the recipe's")
     p.add_argument("--eval-images", type=int, default=64, help="images per arm timed for evaluation")
     p.add_argument("--eval-repeats", type=int, default=3)
     p.add_argument("--parts", type=lambda t: set(t.split(",")), default=set(PARTS),
