@@ -72,9 +72,8 @@ toyworld: setup ## retrain the toy world from scratch (2 CPU cores: ~13 h, mostl
 ui: setup ## MLflow UI on http://127.0.0.1:5000 (HOST=0.0.0.0 to share)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)
 
-bench: setup ## speed benchmarks (training steps/s, evaluation time)
+bench: setup ## ours vs the plain loop, MFU, sampling/eval images/s, cost growth -> reports/bench/ (ARGS="--model sd15 --device cuda")
 	$(PY) -m research.bench $(ARGS)
-	$(PY) -m research.bench_eval
 
 clean: ## remove caches and regenerable toy data (keeps runs/ and mlflow.db)
 	rm -rf .pytest_cache $(TOY_DATA)

@@ -89,6 +89,40 @@ def _mix(*numbers: int) -> int:
     return h
 
 
+class Draws:
+    """Every random draw of a micro-step, made on the training device.
+
+    One generator per stream (DATA: flips, noise, timesteps; EXTRA: prior-preservation examples;
+    DROPOUT: caption dropout), made once and re-seeded from (seed, process, micro-step, stream) at
+    every micro-step. Any step can be redrawn from those numbers alone, which keeps a resumed run
+    bit-identical; nothing is drawn on the host and copied over with a blocking `.to(device)`.
+    Process 0 draws exactly what a single process draws; every other process draws its own flips,
+    noise, timesteps and dropout for its own slice of the batch (with one shared seed, every process
+    drew the same noise for different images).
+    """
+
+    DATA, EXTRA, DROPOUT = 7, 11, 13
+
+    def __init__(self, seed: int, process_index: int, device: torch.device, noise_offset: float = 0.0):
+        self.seed = seed if process_index == 0 else _mix(seed, process_index)
+        self.device, self.noise_offset = device, noise_offset
+        self._generators: dict[int, torch.Generator] = {}
+
+    def generator(self, stream: int, micro_step: int) -> torch.Generator:
+        if stream not in self._generators:
+            self._generators[stream] = torch.Generator(self.device)
+        return self._generators[stream].manual_seed(_mix(self.seed, micro_step, stream))
+
+    def noise(self, shape, gen: torch.Generator) -> torch.Tensor:
+        noise = torch.randn(shape, generator=gen, device=self.device)
+        if self.noise_offset:
+            noise += self.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=gen, device=self.device)
+        return noise
+
+    def integers(self, high: int, n: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, high, (n,), generator=gen, device=self.device)
+
+
 def batch_indices(n: int, batch: int, micro_step: int, seed: int) -> list[int]:
     """Indices for one micro-batch: epochs are seeded permutations, so any step can be recomputed
     from (seed, step) alone, which is what makes a resumed run bit-identical."""
@@ -247,12 +281,7 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     n, accum = len(data.train), cfg.gradient_accumulation_steps
     world, rank = accelerator.num_processes, accelerator.process_index
     running_loss, running_count = torch.zeros((), device=device), 0
-
-    def draw_noise(shape, gen: torch.Generator) -> torch.Tensor:
-        noise = torch.randn(shape, generator=gen)
-        if cfg.noise_offset:
-            noise += cfg.noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=gen)
-        return noise
+    draws = Draws(cfg.seed, rank, device, cfg.noise_offset)
 
     for module in prepared_trained:  # dropout (LoRA's too) acts only in train mode
         module.train()
@@ -265,37 +294,32 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
             # every process draws the same global batch and keeps its own slice of it
             idx = batch_indices(n, cfg.train_batch_size * world, k, cfg.seed)
             idx = idx[rank * cfg.train_batch_size:(rank + 1) * cfg.train_batch_size]
-            g = torch.Generator().manual_seed(_mix(cfg.seed, k, 7))
+            g = draws.generator(Draws.DATA, k)
             bsz = len(idx)
+            idx_t = torch.tensor(idx).to(device, non_blocking=True)  # staged copy: the host does not wait
             if latent_cache is not None:
-                flip = torch.randint(0, latent_cache.shape[1], (bsz,), generator=g)
-                latents = latent_cache[idx, flip]
-            else:
+                latents = latent_cache[idx_t, draws.integers(latent_cache.shape[1], bsz, g)]
+            else:  # host-side image work: one read-back of the flips per micro-step, not one per image
+                flips = (torch.rand(bsz, generator=g, device=device) < 0.5).tolist() if cfg.random_flip else [False] * bsz
                 pix = torch.stack([preprocess(data.train[i].image, cfg.resolution, center_crop=cfg.center_crop,
-                                              flip=cfg.random_flip and bool(torch.rand((), generator=g) < 0.5),
-                                              rng=random.Random(_mix(cfg.seed, k, i)))
-                                   for i in idx])
+                                              flip=f, rng=random.Random(_mix(cfg.seed, k, i)))
+                                   for i, f in zip(idx, flips)])
                 latents = encode_images(pix).float()
-            noise = draw_noise(latents.shape, g)
-            timesteps = torch.randint(0, sched.config.num_train_timesteps, (bsz,), generator=g)
+            noise = draws.noise(latents.shape, g)
+            timesteps = draws.integers(sched.config.num_train_timesteps, bsz, g)
             if extra is not None:  # its own generator: the instance draws stay those of a run without extras
-                g_extra = torch.Generator().manual_seed(_mix(cfg.seed, k, 11))
-                extra_idx = torch.randint(0, len(extra.latents), (bsz,), generator=g_extra)
+                g_extra = draws.generator(Draws.EXTRA, k)
+                extra_idx = draws.integers(len(extra.latents), bsz, g_extra)
                 latents = torch.cat([latents, extra.latents[extra_idx]])
-                noise = torch.cat([noise, draw_noise((bsz, *latents.shape[1:]), g_extra)])
-                timesteps = torch.cat([timesteps, torch.randint(0, sched.config.num_train_timesteps, (bsz,),
-                                                                generator=g_extra)])
-            noise, timesteps = noise.to(device), timesteps.to(device)
+                noise = torch.cat([noise, draws.noise((bsz, *latents.shape[1:]), g_extra)])
+                timesteps = torch.cat([timesteps, draws.integers(sched.config.num_train_timesteps, bsz, g_extra)])
             with accelerator.accumulate(*prepared_trained):
                 noisy = sched.add_noise(latents, noise, timesteps)
-                text_idx = torch.tensor(idx)
+                text_idx = idx_t
                 if cfg.caption_dropout:  # its own generator, so a run without dropout draws exactly as before
-                    g_drop = torch.Generator().manual_seed(_mix(cfg.seed, k, 13))
-                    text_idx[torch.rand(bsz, generator=g_drop) < cfg.caption_dropout] = empty_row
-                if text_cache is not None:
-                    hidden = text_cache[text_idx.to(text_cache.device)]
-                else:
-                    hidden = text_encoder(tokens[text_idx.to(device)])[0]
+                    dropped = torch.rand(bsz, generator=draws.generator(Draws.DROPOUT, k), device=device)
+                    text_idx = torch.where(dropped < cfg.caption_dropout, empty_row, idx_t)  # no mask indexing: no sync
+                hidden = text_cache[text_idx] if text_cache is not None else text_encoder(tokens[text_idx])[0]
                 if extra is not None:
                     hidden = torch.cat([hidden, extra.hidden[extra_idx % len(extra.hidden)].to(hidden.dtype)])
                 with accelerator.autocast():
