@@ -105,7 +105,7 @@ def check_resolution(vae, unet, resolution: int) -> None:
     the UNet has less than one latent pixel to work on at its deepest level."""
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     unet_factor = 2 ** (len(unet.config.down_block_types) - 1)
-    smallest = vae_factor * max(unet_factor, 4)  # and at least a few latents across
+    smallest = vae_factor * max(unet_factor, 8)  # and at least a few latents across
     if resolution % vae_factor or resolution < smallest:
         raise ConfigError(f"--resolution {resolution} does not fit this model: use a multiple of {vae_factor} "
                           f"of at least {smallest} (its VAE shrinks images {vae_factor}x, its UNet {unet_factor}x more).")

@@ -70,8 +70,9 @@ def check_store_writable(uri: str | None = None) -> None:
     db = _sqlite_path(uri or tracking_uri())
     if db is None:
         return
-    target = db if db.exists() else db.parent
-    if not os.access(target, os.W_OK) or (db.exists() and not os.access(db.parent, os.W_OK)):
+    # SQLite writes the file and a journal beside it; a missing folder is created on first use
+    target = db.parent if db.exists() else next(p for p in db.parents if p.exists())
+    if not (target.is_dir() and os.access(target, os.W_OK)) or (db.exists() and not os.access(db, os.W_OK)):
         raise ConfigError(f"The MLflow store {db} is not writable; fix its permissions, set MLFLOW_TRACKING_URI "
                           "to a writable store, or pass --no-tracking.")
 
