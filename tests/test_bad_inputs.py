@@ -205,3 +205,100 @@ def test_bad_input_is_one_line_and_leaves_nothing(name, build, fragment, tiny_mo
     assert not db.exists()  # no MLflow run: the store was never even opened
     assert files_under(tmp_path / "old_runs") == before  # an existing run is left as it was
 
+
+
+# ─── records a stopped run leaves ────────────────────────────────────────────────────────────
+def only_run(out: Path) -> Path:
+    (run,) = [p for p in (out / "test").iterdir() if p.is_dir()]
+    return run
+
+
+def test_resume_falls_back_from_a_damaged_state_and_continues_the_same_mlflow_run(
+        tiny_model, odd_style_dir, tmp_path, tracking_store, monkeypatch):
+    import mlflow
+
+    args = dict(max_train_steps=6, checkpoints_total_limit=3)
+    straight = tmp_path / "straight"
+    assert main(tiny_train_args(odd_style_dir, tiny_model, straight, **args) + ["--no-tracking"]) == 0
+    expected = load_file(only_run(straight) / "checkpoints" / "pytorch_lora_weights.safetensors")
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_4(self, step, path):
+        if step == 4:
+            raise Killed(step)
+
+    out = tmp_path / "interrupted"
+    monkeypatch.setattr(train_module.MLflowHook, "on_checkpoint", die_at_step_4)
+    with pytest.raises(Killed):
+        main(tiny_train_args(odd_style_dir, tiny_model, out, **args))
+    monkeypatch.undo()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_store)
+    run_dir = only_run(out)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "FAILED"
+    damaged = run_dir / "checkpoints" / "state-000004" / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])  # the disk filled up mid-copy
+    # the README's command: the folder's own config.json, no other flag
+    assert main(["--run-dir", str(run_dir), "--resume-from-checkpoint", "latest"]) == 0
+    log = (run_dir / "logs.txt").read_text()
+    assert "state-000004 is damaged" in log and "at step 2" in log
+    resumed = load_file(run_dir / "checkpoints" / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
+    mlflow.set_tracking_uri(tracking_store)
+    (run,) = mlflow.search_runs(experiment_names=["test"], output_format="list")  # one run, not two
+    assert run.info.status == "FINISHED" and run.info.run_id == json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "FINISHED"
+
+
+def test_a_run_whose_process_is_gone_is_marked_killed(tmp_path, tracking_store):
+    import mlflow
+
+    from research.tracking import HOST_TAG, PID_TAG, RECORD, mark_dead_runs, process_identity
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    mlflow.set_tracking_uri(tracking_store)
+    experiment = mlflow.create_experiment("stale")
+    run_dir = tmp_path / "runs" / "stale" / "r"
+    run_dir.mkdir(parents=True)
+    client = mlflow.MlflowClient()
+    dead = client.create_run(experiment, tags={PID_TAG: str(gone.pid), HOST_TAG: process_identity()["host"],
+                                               "run_dir": str(run_dir)})
+    alive = client.create_run(experiment, tags={PID_TAG: str(os.getpid()), **{HOST_TAG: process_identity()["host"]}})
+    (run_dir / RECORD).write_text(json.dumps({"status": "RUNNING", "mlflow_run_id": dead.info.run_id,
+                                              "pid": str(gone.pid), "host": process_identity()["host"]}))
+    marked = mark_dead_runs(tmp_path / "runs")
+    assert len(marked) == 1 and dead.info.run_id in marked[0]
+    assert client.get_run(dead.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # its process (this one) still runs
+    assert json.loads((run_dir / RECORD).read_text())["status"] == "KILLED"
+
+
+def test_run_folders_are_claimed_atomically(tmp_path):
+    from research.tracking import new_run_dir
+
+    claimed, start = [], threading.Barrier(16)
+
+    def claim():
+        start.wait()
+        claimed.append(new_run_dir(str(tmp_path), "exp", "same_name"))
+
+    threads = [threading.Thread(target=claim) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(claimed)) == 16 and all(p.is_dir() for p in claimed)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    from research.atomic import write_json
+
+    old = os.umask(umask)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == mode
