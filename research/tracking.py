@@ -331,7 +331,10 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED", reason: str = "") -> None:
         """End the run with `status` (FINISHED, FAILED or KILLED) and say why in run.json and MLflow."""
-        update_record(self.run_dir, status=status, reason=reason, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        try:
+            update_record(self.run_dir, status=status, reason=reason, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        except OSError as err:  # a full disk must not also keep the MLflow run from being closed
+            log.warning("could not update %s (%s)", self.run_dir / RECORD, err.strerror)
         if not self.enabled:
             return
         if status != "FINISHED":

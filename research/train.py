@@ -478,7 +478,7 @@ class ValidationHook:
 def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None) -> Path:
     """Check everything (inputs, model, store, resume), then create the run folder and MLflow run, train,
     sample and evaluate. A refused run leaves nothing behind; a started one always ends with a status."""
-    from research.tracking import check_store_writable, early_records, setup_logging
+    from research.tracking import FILE_ONLY, check_store_writable, early_records, setup_logging
 
     resume = bool(cfg.resume_from_checkpoint)
     setup_logging()
@@ -501,13 +501,13 @@ def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None
         name = getattr(stop, "signal_name", "SIGINT")
         reason = (f"stopped by {name}; the last resumable state is kept: continue with "
                   f"python -m research.train --run-dir {run_dir} --resume-from-checkpoint latest")
-        log.error("%s", reason, extra={"file_only": True})
+        log.error("%s", reason, extra=FILE_ONLY)
         tracker.finish("KILLED", reason)
         raise RunInterrupted(name, reason) from None
     except BaseException as err:
         # the console gets one line from the CLI (or the traceback of a bug, once); logs.txt gets it all
         log.error("run failed: %s: %s", type(err).__name__, err, exc_info=not _is_user_error(err),
-                  extra={"file_only": True})
+                  extra=FILE_ONLY)
         tracker.fail(f"{type(err).__name__}: {err}")
         raise
     return run_dir
@@ -645,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals():
             values = given_values(args)
-            cfg = resumed_config(values) if values.get("resume_from_checkpoint") else TrainConfig.from_dict(values, source="command line")
+            resume = bool(values.get("resume_from_checkpoint"))
+            cfg = resumed_config(values) if resume else TrainConfig.from_dict(values, source="command line")
             run_dir = run(cfg, track=not args.no_tracking)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

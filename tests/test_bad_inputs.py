@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +17,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import tiny_train_args
+from conftest import png_header, tiny_train_args
 from research import train as train_module
 from research.train import main
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims width x height: Pillow reads the size from IHDR without decoding anything."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 class Case:
@@ -302,3 +291,86 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == mode
+
+
+# ─── real processes: kill, interrupt, start together (slow: each starts a fresh interpreter) ─────
+def start_training(args: list[str], store: str) -> subprocess.Popen:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "research.train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_state(out: Path, proc: subprocess.Popen, step: int) -> Path:
+    import time
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list(out.glob(f"test/*/checkpoints/state-{step:06d}"))
+        if found:
+            return found[0].parent.parent
+        time.sleep(0.02)
+    raise AssertionError(f"no state-{step:06d} before the process ended: {proc.communicate()[1][-2000:]}")
+
+
+def mlflow_runs(store: str) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    return mlflow.search_runs(experiment_names=["test"], output_format="list")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_bits_in_one_finished_mlflow_run(tiny_model, odd_style_dir, tmp_path):
+    args = dict(max_train_steps=60, checkpointing_steps=4, log_every=4)
+    straight = tmp_path / "straight"
+    assert main(tiny_train_args(odd_style_dir, tiny_model, straight, **args) + ["--no-tracking"]) == 0
+    expected = load_file(only_run(straight) / "checkpoints" / "pytorch_lora_weights.safetensors")
+    store, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "killed"
+    proc = start_training(tiny_train_args(odd_style_dir, tiny_model, out, **args), store)
+    run_dir = wait_for_state(out, proc, 8)
+    proc.kill()
+    proc.wait()
+    assert not (run_dir / "checkpoints" / "pytorch_lora_weights.safetensors").exists()
+    (run,) = mlflow_runs(store)
+    assert run.info.status == "RUNNING"  # what SIGKILL leaves; the next start marks and reopens it
+    resume = start_training(["--run-dir", str(run_dir), "--resume-from-checkpoint", "latest"], store)
+    _, err = resume.communicate(timeout=600)
+    assert resume.returncode == 0, err[-3000:]
+    resumed = load_file(run_dir / "checkpoints" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    (after,) = mlflow_runs(store)
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_sigint_ends_the_run_killed_with_one_line_and_its_state_kept(tiny_model, odd_style_dir, tmp_path):
+    import signal
+
+    store, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "runs"
+    proc = start_training(tiny_train_args(odd_style_dir, tiny_model, out, max_train_steps=400, checkpointing_steps=4),
+                          store)
+    run_dir = wait_for_state(out, proc, 4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by SIGINT") and "--resume-from-checkpoint latest" in last
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert (run_dir / "checkpoints" / "state-000004").is_dir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "KILLED" and "SIGINT" in record["reason"]
+    (run,) = mlflow_runs(store)
+    assert run.info.status == "KILLED" and "SIGINT" in run.data.tags["research.end_reason"]
+
+
+@pytest.mark.slow
+def test_two_trainings_started_together_on_a_fresh_store_both_finish(tiny_model, odd_style_dir, tmp_path):
+    store, out = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}", tmp_path / "runs"
+    procs = [start_training(tiny_train_args(odd_style_dir, tiny_model, out, checkpointing_steps=0), store)
+             for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    runs = mlflow_runs(store)
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags["run_dir"] for r in runs}) == 2
