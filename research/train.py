@@ -12,7 +12,6 @@ through hooks (on_step, on_checkpoint, on_end).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import json
 import logging
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 
 from research.atomic import write_json
 from research.config import OneLineParser, TrainConfig, add_config_arguments, given_values
-from research.data import StyleFolder, preprocess, read_validation_prompts, style_folder_for
+from research.data import StyleFolder, preprocess, style_folder_for
 from research.errors import ConfigError, ResumeError, RunInterrupted, TrainingError, UserError
 from research.methods import Components, config_metadata, get_method
 from research.models import check_lora_targets, check_resolution, load_pipeline, pick_device, pick_precision, weight_dtype
@@ -113,11 +112,6 @@ def saved_states(checkpoints: Path) -> list[Path]:
     return sorted(p for p in checkpoints.glob(f"{STATE_PREFIX}*") if p.is_dir() and p.name[len(STATE_PREFIX):].isdigit())
 
 
-def latest_state(checkpoints: Path) -> Path | None:
-    states = saved_states(checkpoints)
-    return states[-1] if states else None
-
-
 def states_to_try(cfg: TrainConfig, run_dir: Path) -> list[Path]:
     """The states a resume may load, best first: "latest" falls back to older ones if the newest is damaged."""
     checkpoints = run_dir / "checkpoints"
@@ -174,7 +168,7 @@ class Prepared:
     param_groups: list[dict]
 
 
-def prepare(cfg: TrainConfig, data: StyleFolder | None = None) -> Prepared:
+def prepare(cfg: TrainConfig) -> Prepared:
     """Setup phase: read the data, load the base, check the config against it and let the method set
     up its trainable parameters. Writes nothing, so a bad input stops here with nothing created."""
     from accelerate import Accelerator
@@ -184,7 +178,7 @@ def prepare(cfg: TrainConfig, data: StyleFolder | None = None) -> Prepared:
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               cpu=device.type == "cpu")
     torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
-    data = data or style_folder_for(cfg)
+    data = style_folder_for(cfg)
     base_dtype = weight_dtype(precision)  # frozen base in bf16/fp16 on GPU; trainable weights stay fp32
     c = Components.from_pipeline(load_pipeline(cfg.base_model, base_dtype))
     check_resolution(c.vae, c.unet, cfg.resolution)

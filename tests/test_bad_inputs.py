@@ -11,10 +11,8 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import png_header, tiny_train_args
