@@ -15,7 +15,7 @@ FLAGS = $(if $(CONFIG),--config $(CONFIG)) $(if $(STYLE_DIR),--style-dir $(STYLE
 	$(if $(LORA_ALPHA),--lora-alpha $(LORA_ALPHA)) $(if $(STEPS),--max-train-steps $(STEPS)) \
 	$(if $(LR),--learning-rate $(LR)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
 
-.PHONY: help setup quickstart test test-slow train sample evaluate compare search blend report data toyworld ui bench clean
+.PHONY: help setup quickstart test test-slow train sample evaluate compare search blend report data toyworld ui bench clean clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ ui: setup ## MLflow UI on http://127.0.0.1:5000 (HOST=0.0.0.0 to share)
 
 bench: setup ## ours vs the plain loop, MFU, sampling/eval images/s, cost growth -> reports/bench/ (ARGS="--model sd15 --device cuda")
 	$(PY) -m research.bench $(ARGS)
+
+clean-runs: ## mark KILLED the MLflow runs and run folders left RUNNING by a process that is gone
+	$(PY) -m research.tracking --output-dir runs
 
 clean: ## remove caches and regenerable toy data (keeps runs/ and mlflow.db)
 	rm -rf .pytest_cache $(TOY_DATA)

@@ -109,8 +109,7 @@ def compare(cfg: TrainConfig, methods: list[str], rates: dict[str, float], track
             runner: Callable[[TrainConfig, bool, dict], Path] = run_in_fresh_process) -> Path:
     from research.tracking import new_run_dir, setup_logging
 
-    folder = new_run_dir(cfg.output_dir, cfg.experiment, "compare")
-    folder.mkdir(parents=True)
+    folder = new_run_dir(cfg.output_dir, cfg.experiment, "compare")  # creates it
     setup_logging(folder / "logs.txt")
     comparison_id = folder.name
     result = {"comparison": comparison_id, "experiment": cfg.experiment, "style_dir": cfg.style_dir,

@@ -17,9 +17,13 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+import string
+import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from research.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIGS_DIR = PACKAGE_DIR / "configs"
@@ -30,10 +34,6 @@ TOY_CONFIG = CONFIGS_DIR / "toy.json"
 # (diffusers train_text_to_image_lora), TI 5e-3 (diffusers textual_inversion: 5e-4 scaled by batch x
 # accumulation), DreamBooth 5e-6 (diffusers train_dreambooth).
 RECIPE_LEARNING_RATES = {"lora": 1e-4, "textual_inversion": 5e-3, "dreambooth": 5e-6}
-
-
-class ConfigError(ValueError):
-    """A config value a person must fix; the message says how."""
 
 
 @dataclass
@@ -140,22 +140,55 @@ class TrainConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist; pass an existing JSON file to --config.")
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"Config file {path} is not valid JSON ({err}); fix the file.") from None
-        return cls.from_dict(values, source=str(path))
+        return cls.from_dict(read_config_file(path), source=str(path))
 
     def validate(self) -> None:
-        """Sanity checks at the end of parsing, each with the fix in its message."""
+        """Sanity checks at the end of parsing, each with the fix in its message. Checks that need the
+        loaded model (target modules, rank vs layer size, resolution vs the VAE) live in research.train."""
+        self._check_method()  # first: an unknown method has no recipe learning rate for the number checks
+        self._check_numbers()
+        self._check_choices()
+        _check_caption_template(self.caption_template)
+        if self.resume_from_checkpoint and not self.run_dir:
+            raise ConfigError("--resume-from-checkpoint needs --run-dir pointing at the run folder to continue.")
+
+    def _check_numbers(self) -> None:
+        for f in fields(self):  # a NaN slips through every range check below, so refuse it first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{_flag(f.name)} must be a finite number, got {value}.")
         positive = ["resolution", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
-                    "num_inference_steps", "num_eval_images", "sample_batch_size", "log_every"]
+                    "num_inference_steps", "num_eval_images", "sample_batch_size", "log_every",
+                    "checkpoints_total_limit", "learning_rate", "lora_alpha", "text_encoder_lr"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{_flag(name)} must be a positive number, got {getattr(self, name)}.")
+        not_negative = ["checkpointing_steps", "lr_warmup_steps", "lr_num_cycles", "validation_steps",
+                        "snr_gamma", "noise_offset", "max_grad_norm", "adam_weight_decay", "guidance_scale",
+                        "num_class_images", "prior_loss_weight"]
+        for name in not_negative:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must not be negative (0 turns it off), got {getattr(self, name)}.")
+        for name in ["caption_dropout", "holdout_fraction", "lora_dropout"]:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}.")
+        if self.resolution % 8:
+            raise ConfigError(f"--resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}.")
+
+    def _check_choices(self) -> None:
+        from diffusers.optimization import SchedulerType  # lazily: diffusers is heavy
+
+        # piecewise_constant needs step rules that no flag carries
+        schedulers = [s.value for s in SchedulerType if s.value != "piecewise_constant"]
+        choices = {"mixed_precision": ["auto", "no", "fp16", "bf16"], "prediction_type": ["", "epsilon", "v_prediction"],
+                   "sampler": ["dpm++", "ddim", "euler", "default"], "lr_scheduler": schedulers,
+                   "feature_extractor": ["inception", "clip"]}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                shown = ", ".join(a for a in allowed if a)
+                raise ConfigError(f"--{_flag(name)} must be one of {shown}, got {getattr(self, name)!r}.")
+
+    def _check_method(self) -> None:
         from research.methods import METHODS  # lazily: the registry imports torch
 
         if self.method not in METHODS:
@@ -167,35 +200,59 @@ class TrainConfig:
                 raise ConfigError(f"--placeholder-token must be one word without spaces (e.g. <style>), "
                                   f"got {self.placeholder_token!r}.")
         if self.method == "dreambooth" and self.with_prior_preservation:
-            if self.num_class_images <= 0 or self.prior_loss_weight < 0 or not self.class_prompt.strip():
-                raise ConfigError("--with-prior-preservation needs --num-class-images > 0, --prior-loss-weight >= 0 "
-                                  "and a non-empty --class-prompt.")
-        if self.method == "lora" and self.rank <= 0:
-            raise ConfigError(f"--rank must be a positive integer, got {self.rank}.")
-        for name in ["learning_rate", "lora_alpha"]:  # learning_rate 0 became the recipe's in __post_init__
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"--{_flag(name)} must be a positive finite number, got {value}.")
-        if not 0.0 <= self.caption_dropout < 1.0:
-            raise ConfigError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}.")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ConfigError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}.")
-        if self.resolution % 8:
-            raise ConfigError(f"--resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}.")
-        if self.mixed_precision not in {"auto", "no", "fp16", "bf16"}:
-            raise ConfigError(f"--mixed-precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}.")
-        if self.prediction_type not in {"", "epsilon", "v_prediction"}:
-            raise ConfigError(f"--prediction-type must be epsilon or v_prediction, got {self.prediction_type!r}.")
-        if self.sampler not in {"dpm++", "ddim", "euler", "default"}:
-            raise ConfigError(f"--sampler must be dpm++, ddim, euler or default, got {self.sampler!r}.")
-        if self.snr_gamma < 0 or self.noise_offset < 0 or self.max_grad_norm < 0:
-            raise ConfigError("--snr-gamma, --noise-offset and --max-grad-norm must not be negative.")
-        if self.resume_from_checkpoint and not self.run_dir:
-            raise ConfigError("--resume-from-checkpoint needs --run-dir pointing at the run folder to continue.")
-
+            if self.num_class_images <= 0 or not self.class_prompt.strip():
+                raise ConfigError("--with-prior-preservation needs --num-class-images > 0 and a non-empty --class-prompt.")
+        if self.method == "lora":
+            if self.rank <= 0:
+                raise ConfigError(f"--rank must be a positive integer, got {self.rank}.")
+            targets = ["unet_target_modules"] + (["text_encoder_target_modules"] if self.train_text_encoder else [])
+            for name in targets:
+                if not [t for t in getattr(self, name).split(",") if t.strip()]:
+                    raise ConfigError(f"--{_flag(name)} is empty; name at least one layer (e.g. to_q,to_k,to_v,to_out.0).")
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _check_caption_template(template: str) -> None:
+    """The template may name {style} only; a typo would otherwise surface as a KeyError mid-run."""
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as err:
+        raise ConfigError(f"--caption-template {template!r} is not a valid template ({err}); "
+                          "write {{style}} for the style name and {{{{ }}}} for literal braces.") from None
+    unknown = sorted(names - {"style"})
+    if unknown:
+        raise ConfigError(f"--caption-template {template!r} names unknown fields {unknown}; the only field is "
+                          "{style} (use {{ }} for literal braces).")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object in a --config file, or a ConfigError saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist or is not a regular file; pass an existing JSON "
+                          "file to --config.")
+    try:
+        values = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"Config file {path} is not UTF-8 text; save it as UTF-8 JSON.") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"Config file {path} is not valid JSON ({err}); fix the file.") from None
+    except OSError as err:
+        raise ConfigError(f"Config file {path} cannot be read ({err.strerror}); fix its permissions.") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"Config file {path} holds {type(values).__name__ if values is not None else 'null'}, "
+                          'not a JSON object like {"rank": 16}; fix the file.')
+    return values
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives the one `error:` line every other bad input gives (no usage dump)."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} --help.", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -275,21 +332,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
                                      help=f"{comments.get(f.name, '')} (default: {f.default!r})")
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < --config file < typed flags (under `mlflow run`: flags that differ from their default)."""
-    base = TrainConfig.from_json_file(args.config).to_dict() if getattr(args, "config", "") else {}
+def given_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The values a person gave: the --config file's, overridden by typed flags (under `mlflow run`: by
+    flags that differ from their default). Defaults are left out, so a resume can tell what was asked."""
+    values = {}
+    if getattr(args, "config", ""):
+        values = TrainConfig.from_json_file(args.config).to_dict()  # checks the file on its own, naming it
+        values = {k: v for k, v in values.items() if k in read_config_file(args.config)}
     under_mlflow = bool(os.environ.get("MLFLOW_RUN_ID"))  # it passes every parameter, typed or not
     typed = getattr(args, "_typed", set())
-    values = dict(base)
     for f in fields(TrainConfig):
         if hasattr(args, f.name):
             given = getattr(args, f.name)
             # a value other than the default always overrides (sub-commands set their own defaults);
             # a typed default does too, except under mlflow run where "typed" means nothing
-            override = given != f.default or (f.name in typed and not under_mlflow)
-            if override or f.name not in base:
+            if given != f.default or (f.name in typed and not under_mlflow):
                 values[f.name] = given
-    return TrainConfig.from_dict(values, source="command line")
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < --config file < typed flags (under `mlflow run`: flags that differ from their default)."""
+    return TrainConfig.from_dict(given_values(args), source="command line")
 
 
 def apply_overrides(cfg: TrainConfig, args: argparse.Namespace, names: list[str]) -> TrainConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from research.errors import DataError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 PROMPTS_FILE = "validation_prompts.txt"
+# Larger images are skipped, not decoded: 64 MP is 8192 x 8192, far above any training resolution,
+# and stays below Pillow's own decompression-bomb limit (89 MP warns, 179 MP raises).
+MAX_PIXELS = 8192 * 8192
+TEXT_ENCODING = "utf-8"  # captions and prompts; a file that is not UTF-8 is read as Latin-1, with a warning
 
 # Used when a style folder has no validation_prompts.txt and no --validation-prompts-file is given.
 DEFAULT_PROMPTS = {
@@ -33,10 +40,6 @@ DEFAULT_PROMPTS = {
 }
 GENERIC_PROMPTS = ["a portrait of a young woman", "a landscape with mountains and a lake",
                    "a cat sitting on a windowsill", "a busy market street"]
-
-
-class DataError(ValueError):
-    """A problem with the user's style folder; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -54,26 +57,72 @@ class StyleFolder:
     validation_prompts: list[str]
 
 
+class SkippedImage(Exception):
+    """An image file a style folder may hold but training cannot use; the message says why."""
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Open any supported image as 8-bit RGB: alpha is composited on white, 16-bit is rescaled."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in {"I;16", "I;16B", "I;16L", "I"}:
-            # 16-bit (or 32-bit int) greyscale: scale the full range down to 8 bits, don't clip it.
-            arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        if img.mode == "P":
-            img = img.convert("RGBA")
-        if img.mode in {"RGBA", "LA"}:
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img.convert("RGBA"))
-        return img.convert("RGB")
+    """Open any supported image as 8-bit RGB: alpha is composited on white, 16-bit is rescaled.
+    Raises SkippedImage for what is not a regular file, too large, or not decodable."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        raise SkippedImage(f"cannot be read ({err.strerror})") from None
+    if not stat.S_ISREG(mode):  # opening a FIFO or a device would block or read forever
+        raise SkippedImage("not a regular file")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:  # only the header is read so far
+                raise SkippedImage(f"{img.width}x{img.height} is larger than {MAX_PIXELS:,} pixels; downscale it")
+            return _to_rgb(img)
+    except Image.DecompressionBombError:
+        raise SkippedImage(f"larger than {MAX_PIXELS:,} pixels; downscale it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise SkippedImage(f"unreadable: {err}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: alpha composited on white, 16-bit rescaled (not clipped)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in {"I;16", "I;16B", "I;16L", "I"}:
+        # 16-bit (or 32-bit int) greyscale: scale the full range down to 8 bits, don't clip it.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in {"RGBA", "LA"}:
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB")
+
+
+
+
+def read_text(path: Path, what: str) -> str | None:
+    """A caption or prompts file as text: UTF-8 (a BOM is dropped); bytes that are not UTF-8 are read as
+    Latin-1 with a warning; a file with control bytes (binary) gives None with a warning."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        text = data.decode("latin-1")
+        log.warning("%s %s is not UTF-8 (byte %d); read it as Latin-1 - re-save it as UTF-8 if that is wrong.",
+                    what, path, err.start)
+    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in text):
+        log.warning("%s %s holds control bytes, not text; ignoring it.", what, path)
+        return None
+    return text
 
 
 def _read_caption(image_path: Path, default: str, trigger_word: str) -> str:
     txt = image_path.with_suffix(".txt")
-    caption = txt.read_text(encoding="utf-8", errors="replace").strip() if txt.is_file() else ""
+    caption = ""
+    if txt.is_file():
+        try:
+            caption = (read_text(txt, "Caption") or "").strip()
+        except OSError as err:
+            log.warning("Caption %s cannot be read (%s); using the caption template.", txt, err.strerror)
     caption = caption or default
     return f"{trigger_word}, {caption}" if trigger_word else caption
 
@@ -81,9 +130,16 @@ def _read_caption(image_path: Path, default: str, trigger_word: str) -> str:
 def read_validation_prompts(style_dir: Path, style_name: str, prompts_file: str = "") -> list[str]:
     path = Path(prompts_file) if prompts_file else style_dir / PROMPTS_FILE
     if prompts_file and not path.is_file():
-        raise DataError(f"Validation prompts file {path} does not exist; fix --validation-prompts-file.")
+        raise DataError(f"Validation prompts file {path} does not exist or is not a regular file; "
+                        "fix --validation-prompts-file.")
     if path.is_file():
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        try:
+            text = read_text(path, "Validation prompts file")
+        except OSError as err:
+            raise DataError(f"Validation prompts file {path} cannot be read ({err.strerror}); fix its permissions.") from None
+        if text is None:
+            raise DataError(f"Validation prompts file {path} is not text; write one prompt a line as UTF-8.")
+        prompts = [line.strip() for line in text.splitlines()]
         prompts = [p for p in prompts if p and not p.startswith("#")]
         if prompts:
             return prompts
@@ -102,12 +158,16 @@ def load_style_folder(style_dir: str | Path, *, style_name: str = "", resolution
     name = style_name or style_dir.name
     default_caption = caption_template.format(style=name)
     min_side = max(16, resolution // 4)  # smaller images would teach the model upscaling blur, not style
+    try:
+        paths = sorted(p for p in style_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    except OSError as err:
+        raise DataError(f"Style folder {style_dir} cannot be listed ({err.strerror}); fix its permissions.") from None
     examples = []
-    for path in sorted(p for p in style_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+    for path in paths:
         try:
             image = load_rgb(path)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-            log.warning("Skipping unreadable image %s (%s).", path, err)
+        except SkippedImage as why:
+            log.warning("Skipping image %s: %s.", path, why)
             continue
         if min(image.size) < min_side:
             log.warning("Skipping %s: %dx%d is smaller than %d px (a quarter of --resolution).",

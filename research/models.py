@@ -12,11 +12,9 @@ from pathlib import Path
 
 import torch
 
+from research.errors import BrokenModelError, ConfigError, ModelNotFoundError
+
 EMBEDDED = "embedded"
-
-
-class ModelNotFoundError(RuntimeError):
-    """The base model or a backbone cannot be loaded; the message names it and the fix."""
 
 
 def embedded_model_dir() -> Path:
@@ -61,33 +59,81 @@ def _offline() -> bool:
 
 
 def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
-    """Return a ``StableDiffusionPipeline`` on CPU in `dtype`, or raise one clear ModelNotFoundError."""
+    """Return a ``StableDiffusionPipeline`` on CPU in `dtype`, or raise one clear error: a local file or
+    folder that exists but does not load is broken (BrokenModelError); a hub id that cannot be fetched
+    is missing (ModelNotFoundError)."""
     from diffusers import StableDiffusionPipeline
 
     source = resolve_base_model(base_model)
     path = Path(source)
-    hint = (f"Could not load the base model {base_model!r}: download it on a machine with network access "
-            f"(e.g. `huggingface-cli download {base_model}`) and pass its local folder with --base-model")
     kwargs = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    local = path.exists() or source.startswith((".", "/"))
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ModelNotFoundError(f"Checkpoint file {path} does not exist; fix --base-model.")
+    elif local and not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(f"{path} is not a diffusers model folder (no model_index.json); "
+                                 "pass a diffusers folder, a .safetensors checkpoint or a hub id to --base-model.")
     try:
         if path.suffix == ".safetensors":
-            if not path.is_file():
-                raise ModelNotFoundError(f"Checkpoint file {path} does not exist; fix --base-model.")
             return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-        if path.exists() or source.startswith((".", "/")):
-            if not (path / "model_index.json").is_file():
-                raise ModelNotFoundError(f"{path} is not a diffusers model folder (no model_index.json); "
-                                         "pass a diffusers folder, a .safetensors checkpoint or a hub id to --base-model.")
         return StableDiffusionPipeline.from_pretrained(source, local_files_only=_offline(), use_safetensors=True,
                                                        **kwargs)
-    except ModelNotFoundError:
-        raise
-    except (OSError, ValueError, EnvironmentError) as err:
-        raise ModelNotFoundError(f"{hint} ({type(err).__name__}).") from err
-    except Exception as err:  # network errors from huggingface_hub come in many types
-        if "connect" in str(err).lower() or "offline" in str(err).lower() or "resolve" in str(err).lower():
-            raise ModelNotFoundError(f"{hint} ({type(err).__name__}).") from err
-        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _load_error(base_model, local, err) from err
+
+
+def _load_error(base_model: str, local: bool, err: Exception) -> Exception:
+    """Classify a failed load by what was asked for and the exception's type, never by its wording."""
+    detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if local:  # it is here, so downloading will not help: the file itself is damaged or incomplete
+        return BrokenModelError(f"The base model {base_model!r} is broken and cannot be loaded ({detail}); "
+                                "re-export or copy it again, then pass it to --base-model.")
+    if isinstance(err, ValueError):  # diffusers' and huggingface_hub's check of the id's form
+        return ConfigError(f"--base-model {base_model!r} is neither an existing path nor a hub id "
+                           "(like stable-diffusion-v1-5/stable-diffusion-v1-5); fix --base-model.")
+    if isinstance(err, OSError):  # hub errors (not cached, offline, not found, no network) are all OSErrors
+        return ModelNotFoundError(f"Could not load the base model {base_model!r} ({type(err).__name__}): download it "
+                                  f"on a machine with network access (e.g. `huggingface-cli download {base_model}`) "
+                                  "and pass its local folder with --base-model.")
+    return BrokenModelError(f"The base model {base_model!r} has an unreadable file ({type(err).__name__}: {detail}); "
+                            "delete its copy in the Hugging Face cache and download it again.")
+
+
+def check_resolution(vae, unet, resolution: int) -> None:
+    """The VAE shrinks images by 2^(blocks-1) and the UNet the latents by as much again: below that
+    the UNet has less than one latent pixel to work on at its deepest level."""
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_factor = 2 ** (len(unet.config.down_block_types) - 1)
+    smallest = vae_factor * max(unet_factor, 8)  # and at least a few latents across
+    if resolution % vae_factor or resolution < smallest:
+        raise ConfigError(f"--resolution {resolution} does not fit this model: use a multiple of {vae_factor} "
+                          f"of at least {smallest} (its VAE shrinks images {vae_factor}x, its UNet {unet_factor}x more).")
+
+
+def check_lora_targets(model: torch.nn.Module, targets: str, rank: int, flag: str) -> None:
+    """The target names must match layers of the model the way peft matches them (the full name or its
+    dotted tail), and the rank must fit the smallest of them; said here, not as a peft error mid-setup."""
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    matched = {t: [n for n in layers if n == t or n.endswith("." + t)] for t in names}
+    unknown = [t for t, found in matched.items() if not found]
+    if not names or unknown:
+        examples = sorted({".".join(n.split(".")[-2:]) for n in layers})[:8]
+        raise ConfigError(f"{flag} names no layer of the model: {unknown or targets!r}; use names such as "
+                          f"{','.join(examples)}.")
+    sizes = {n: _lora_dims(layers[n]) for found in matched.values() for n in found}
+    smallest = min(sizes, key=lambda n: min(sizes[n]))
+    limit = min(sizes[smallest])
+    if rank > limit:
+        raise ConfigError(f"--rank {rank} is larger than the layer {smallest} ({sizes[smallest][0]} -> "
+                          f"{sizes[smallest][1]}); a LoRA rank above {limit} adds nothing there, use --rank <= {limit}.")
+
+
+def _lora_dims(layer: torch.nn.Module) -> tuple[int, int]:
+    if isinstance(layer, torch.nn.Conv2d):  # LoRA's down projection reads the whole kernel window
+        return layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1], layer.out_channels
+    return layer.in_features, layer.out_features
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the training loop knows how to target

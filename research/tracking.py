@@ -5,36 +5,166 @@ its files are logged to MLflow as artifacts at the end. MLflow defaults to a SQL
 repository root (``sqlite:///mlflow.db``, artifacts in ``mlartifacts/``); ``MLFLOW_TRACKING_URI``
 points elsewhere (a team server). Under ``mlflow run`` the run it created (``MLFLOW_RUN_ID``) is
 used instead of a new one.
+
+Every run folder also holds ``run.json``: its status (RUNNING, FINISHED, FAILED, KILLED), why it
+stopped, the MLflow run it belongs to (a resume reopens that run) and the process (pid, host) that
+runs it. A run whose process is gone without saying so (SIGKILL, power loss) is marked KILLED the
+next time a Tracker starts against the store, or by ``python -m research.tracking`` (``make clean-runs``).
 """
 
 from __future__ import annotations
 
+import argparse
+import fcntl
+import json
 import logging
 import math
 import os
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from research.atomic import write_json
+from research.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SUBDIRS = ("checkpoints", "inference", "thumbnails")
+RECORD = "run.json"  # the run folder's own record of its status and process
+PID_TAG, HOST_TAG, START_TAG, REASON_TAG = "research.pid", "research.host", "research.pid_start", "research.end_reason"
 log = logging.getLogger("research")
+FILE_ONLY = {"file_only": True}  # log(..., extra=FILE_ONLY): logs.txt gets it, the console does not
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def new_run_dir(output_dir: str, experiment: str, name: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(output_dir) / experiment / f"{stamp}_{name}"
-    path, i = base, 1
-    while path.exists():  # two runs in the same second get distinct folders
-        path, i = base.with_name(f"{base.name}-{i}"), i + 1
-    return path
+    """Create and return a fresh run folder. mkdir without exist_ok is the claim itself, so two
+    processes starting in the same second get distinct folders (no check-then-create race)."""
+    parent = Path(output_dir) / experiment
+    base = f"{time.strftime('%Y%m%d-%H%M%S')}_{name}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for i in range(10_000):
+            path = parent / (f"{base}-{i}" if i else base)
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise ConfigError(f"Cannot create a run folder in {parent} ({err.strerror}); pass a writable "
+                          "--output-dir.") from None
+    raise ConfigError(f"{parent} already holds 10,000 runs named {base}; pass another --run-name.")
+
+
+def check_store_writable(uri: str | None = None) -> None:
+    """Refuse a read-only SQLite store up front (MLflow would retry for minutes, then fail mid-run)."""
+    db = _sqlite_path(uri or tracking_uri())
+    if db is None:
+        return
+    # SQLite writes the file and a journal beside it; a missing folder is created on first use
+    target = db.parent if db.exists() else next(p for p in db.parents if p.exists())
+    if not (target.is_dir() and os.access(target, os.W_OK)) or (db.exists() and not os.access(db, os.W_OK)):
+        raise ConfigError(f"The MLflow store {db} is not writable; fix its permissions, set MLFLOW_TRACKING_URI "
+                          "to a writable store, or pass --no-tracking.")
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a SQLite store across processes: two processes creating its tables (or
+    one experiment) at once collide in alembic's migrations. Servers serialise on their own."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# ─── the run folder's record, and finding runs whose process is gone ─────────────────────────
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not taken for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_identity() -> dict[str, str]:
+    """pid, host and pid start time of this process: what tells later whether it is still running."""
+    return {"pid": str(os.getpid()), "host": socket.gethostname(), "pid_start": _start_ticks(os.getpid())}
+
+
+def process_alive(pid: str | None, host: str | None, pid_start: str | None = None) -> bool:
+    """False only when sure: same host, and the pid is gone or now belongs to a later process."""
+    if host != socket.gethostname() or not str(pid or "").isdigit():
+        return True  # another machine's process cannot be checked from here
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return not pid_start or _start_ticks(int(pid)) in ("", pid_start)
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        value = json.loads((Path(run_dir) / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def update_record(run_dir: Path, **fields: Any) -> None:
+    write_json(Path(run_dir) / RECORD, {**read_record(run_dir), **fields})
+
+
+def mark_dead_runs(output_dir: str | Path | None = None) -> list[str]:
+    """Mark KILLED every MLflow run left RUNNING by a process of this host that is gone (and, given
+    output_dir, every run folder whose run.json says RUNNING for such a process). Returns what it marked."""
+    import mlflow
+    from mlflow.entities import ViewType
+
+    marked = []
+    client = mlflow.MlflowClient(tracking_uri())
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    reason = "its process ended without closing the run (killed or crashed)"
+    if experiments:
+        for run in client.search_runs(experiments, f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+                                      run_view_type=ViewType.ALL, max_results=10_000):
+            tags = run.data.tags
+            if process_alive(tags.get(PID_TAG), tags.get(HOST_TAG), tags.get(START_TAG)):
+                continue
+            client.set_tag(run.info.run_id, REASON_TAG, reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+            run_dir = run.data.tags.get("run_dir")
+            if run_dir and read_record(Path(run_dir)).get("mlflow_run_id") == run.info.run_id:
+                update_record(Path(run_dir), status="KILLED", reason=reason)
+            marked.append(f"MLflow run {run.info.run_id} ({run.info.run_name})")
+    for record_file in sorted(Path(output_dir).glob(f"*/*/{RECORD}")) if output_dir else []:
+        record = read_record(record_file.parent)
+        if record.get("status") == "RUNNING" and not process_alive(record.get("pid"), record.get("host"),
+                                                                     record.get("pid_start")):
+            update_record(record_file.parent, status="KILLED", reason=reason)
+            marked.append(f"run folder {record_file.parent}")
+    return marked
 
 
 class _Console(logging.StreamHandler):
@@ -48,9 +178,13 @@ class _Console(logging.StreamHandler):
     def stream(self, value):
         pass
 
+    def filter(self, record):
+        return not getattr(record, "file_only", False) and super().filter(record)
 
-def setup_logging(log_file: Path | None = None) -> None:
-    """Console and logs.txt get the same lines; third-party noise stays out of both."""
+
+def setup_logging(log_file: Path | None = None, replay: list[logging.LogRecord] = ()) -> None:
+    """Console and logs.txt get the same lines; third-party noise stays out of both. `replay` are records
+    logged before the run folder existed (see early_records), written to logs.txt first."""
     root = logging.getLogger("research")
     root.setLevel(logging.INFO)
     root.propagate = False
@@ -66,6 +200,30 @@ def setup_logging(log_file: Path | None = None) -> None:
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(fmt)
         root.addHandler(handler)
+        for record in replay:
+            handler.handle(record)
+
+
+class _Keep(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextmanager
+def early_records() -> Iterator[list[logging.LogRecord]]:
+    """Keep what is logged while a run is checked (skipped images, encodings) for its logs.txt, which
+    can only be opened once the checks have passed and the folder exists."""
+    keep = _Keep()
+    logger = logging.getLogger("research")
+    logger.addHandler(keep)
+    try:
+        yield keep.records
+    finally:
+        logger.removeHandler(keep)
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -87,25 +245,41 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
 
 
 class Tracker:
-    """One MLflow run (or none, with ``enabled=False``) bound to one run folder."""
+    """One MLflow run (or none, with ``enabled=False``) bound to one run folder and its run.json.
+    ``resume=True`` reopens the MLflow run recorded in the folder's run.json instead of a new one."""
 
-    def __init__(self, run_dir: Path, experiment: str, run_name: str, tags: dict[str, str], enabled: bool = True):
+    def __init__(self, run_dir: Path, experiment: str, run_name: str, tags: dict[str, str], enabled: bool = True,
+                 resume: bool = False):
         self.run_dir = run_dir
         self.enabled = enabled
         self.run_id: str | None = None
-        if not enabled:
-            return
+        identity = process_identity()
+        if enabled:
+            self._start(experiment, run_name, tags, identity, read_record(run_dir) if resume else {})
+        update_record(run_dir, status="RUNNING", reason="", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      mlflow_run_id=self.run_id, tracking_uri=tracking_uri() if enabled else None, **identity)
+
+    def _start(self, experiment: str, run_name: str, tags: dict[str, str], identity: dict[str, str],
+               record: dict[str, Any]) -> None:
         import mlflow
 
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri())
-        if os.environ.get("MLFLOW_RUN_ID"):
-            run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
-        else:
-            mlflow.set_experiment(experiment_id=self._experiment_id(experiment))
-            run = mlflow.start_run(run_name=run_name)
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        with store_lock(uri):
+            for marked in mark_dead_runs():
+                log.warning("marked KILLED: %s (its process is gone)", marked)
+            previous = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
+            if os.environ.get("MLFLOW_RUN_ID"):
+                run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+            elif previous:  # a resume continues its own run: one loss curve, one record
+                run = mlflow.start_run(run_id=previous)
+            else:
+                mlflow.set_experiment(experiment_id=self._experiment_id(experiment))
+                run = mlflow.start_run(run_name=run_name)
         self.run_id = run.info.run_id
-        mlflow.set_tags(tags)
+        mlflow.set_tags({**tags, PID_TAG: identity["pid"], HOST_TAG: identity["host"],
+                         START_TAG: identity["pid_start"], REASON_TAG: ""})
 
     def _experiment_id(self, name: str) -> str:
         found = self.mlflow.get_experiment_by_name(name)
@@ -114,7 +288,12 @@ class Tracker:
         location = None
         if tracking_uri().startswith("sqlite:///"):  # artifacts beside the SQLite store, not in the cwd
             location = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        return self.mlflow.create_experiment(name, artifact_location=location)
+        try:
+            return self.mlflow.create_experiment(name, artifact_location=location)
+        except self.mlflow.exceptions.MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.mlflow.get_experiment_by_name(name).experiment_id  # another process created it first
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log the resolved config. Under `mlflow run` the -P values are already logged and MLflow
@@ -150,15 +329,23 @@ class Tracker:
                 parent = str(rel.parent) if str(rel.parent) != "." else None
                 self.mlflow.log_artifact(str(path), artifact_path=parent)
 
-    def fail(self) -> None:
+    def fail(self, reason: str = "") -> None:
         """End the run as FAILED, keeping its log."""
-        if self.enabled:
-            self.mlflow.log_artifact(str(self.run_dir / "logs.txt"))
-        self.finish("FAILED")
+        self.finish("FAILED", reason)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled:
-            self.mlflow.end_run(status=status)
+    def finish(self, status: str = "FINISHED", reason: str = "") -> None:
+        """End the run with `status` (FINISHED, FAILED or KILLED) and say why in run.json and MLflow."""
+        try:
+            update_record(self.run_dir, status=status, reason=reason, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        except OSError as err:  # a full disk must not also keep the MLflow run from being closed
+            log.warning("could not update %s (%s)", self.run_dir / RECORD, err.strerror)
+        if not self.enabled:
+            return
+        if status != "FINISHED":
+            self.mlflow.set_tag(REASON_TAG, reason)
+            if (self.run_dir / "logs.txt").is_file():
+                self.mlflow.log_artifact(str(self.run_dir / "logs.txt"))
+        self.mlflow.end_run(status=status)
 
 
 def _same_value(a: str, b: str) -> bool:
@@ -170,3 +357,22 @@ def _same_value(a: str, b: str) -> bool:
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     write_json(run_dir / "metrics.json", metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`make clean-runs`: mark KILLED the runs whose process is gone, in MLflow and in run folders."""
+    parser = argparse.ArgumentParser(prog="python -m research.tracking", description=main.__doc__)
+    parser.add_argument("--output-dir", default="runs", help="root of run folders to check as well")
+    args = parser.parse_args(argv)
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with store_lock(uri):
+        marked = mark_dead_runs(args.output_dir)
+    print("\n".join(f"marked KILLED: {m}" for m in marked) or "no run left RUNNING by a process that is gone")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
     python -m research.train --style-dir data/ghibli --rank 16
     python -m research.train --config research/configs/toy.json          # the embedded toy default
-    python -m research.train --run-dir runs/exp1/<run> --resume-from-checkpoint latest
+    python -m research.train --run-dir runs/exp1/<run> --resume-from-checkpoint latest  # reads the run's config.json
 
 The method (research/methods) decides which parameters train and how they are saved; this loop
 only noises latents, predicts, weights the loss and steps. Sampling, evaluation and MLflow plug in
@@ -12,14 +12,18 @@ through hooks (on_step, on_checkpoint, on_end).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
+import pickle
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -29,22 +33,25 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from research.atomic import write_json
-from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
-from research.data import DataError, preprocess, read_validation_prompts, style_folder_for
+from research.config import OneLineParser, TrainConfig, add_config_arguments, given_values
+from research.data import StyleFolder, preprocess, style_folder_for
 from research.evaluate import evaluate_samples, format_table
+from research.errors import ConfigError, ResumeError, RunInterrupted, TrainingError, UserError
 from research.methods import Components, config_metadata, get_method
-from research.models import (PREDICTION_TYPES, ModelNotFoundError, load_pipeline, pick_device, pick_precision,
-                             weight_dtype)
+from research.models import (PREDICTION_TYPES, check_lora_targets, check_resolution, load_pipeline, pick_device,
+                             pick_precision, weight_dtype)
 
 log = logging.getLogger("research")
 STATE_PREFIX = "state-"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. NaN loss); the message says what to change."""
-
-
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, TrainingError)
+USER_ERRORS = (UserError,)
+# Flags a resume may change: they decide where logs go or how fast sampling batches, never what is trained.
+RESUME_MAY_CHANGE = {"run_dir", "resume_from_checkpoint", "output_dir", "log_every", "validation_steps",
+                     "sample_batch_size", "checkpoints_total_limit", "clip_model", "inception_weights",
+                     "lpips_weights", "oracle"}
+# an OS error that is the environment's, not a bug: said in one line, with the way to go on
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# what a truncated or damaged resumable state raises when accelerate loads it
+BROKEN_STATE_ERRORS = (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
 
 
 @dataclass
@@ -136,9 +143,46 @@ def batch_indices(n: int, batch: int, micro_step: int, seed: int) -> list[int]:
     return out
 
 
-def latest_state(checkpoints: Path) -> Path | None:
-    states = sorted(p for p in checkpoints.glob(f"{STATE_PREFIX}*") if p.is_dir() and p.name[len(STATE_PREFIX):].isdigit())
-    return states[-1] if states else None
+def saved_states(checkpoints: Path) -> list[Path]:
+    """Finished resumable states, oldest first (a save in progress is a .tmp- folder, never listed)."""
+    return sorted(p for p in checkpoints.glob(f"{STATE_PREFIX}*") if p.is_dir() and p.name[len(STATE_PREFIX):].isdigit())
+
+
+def states_to_try(cfg: TrainConfig, run_dir: Path) -> list[Path]:
+    """The states a resume may load, best first: "latest" falls back to older ones if the newest is damaged."""
+    checkpoints = run_dir / "checkpoints"
+    if cfg.resume_from_checkpoint == "latest":
+        states = saved_states(checkpoints)[::-1]
+    else:
+        state = Path(cfg.resume_from_checkpoint)
+        states = [state if state.is_absolute() or state.is_dir() else checkpoints / state]
+    if not states or not states[0].is_dir():
+        raise ResumeError(f"No resumable state {cfg.resume_from_checkpoint!r} in {checkpoints}; "
+                          "drop --resume-from-checkpoint to start fresh.")
+    return states
+
+
+def load_resumable_state(accelerator, states: list[Path]) -> int:
+    """Load the first state that loads; return its step. A damaged newest state (a disk that filled up,
+    a copy cut short) falls back to the one before it, with a warning."""
+    for state in states:
+        try:
+            accelerator.load_state(str(state))
+        except BROKEN_STATE_ERRORS + (_safetensor_error(),) as err:
+            log.warning("resumable state %s is damaged (%s: %s); trying the one before it.", state,
+                        type(err).__name__, str(err).splitlines()[0][:120] if str(err) else "")
+            continue
+        step = int(state.name[len(STATE_PREFIX):])
+        log.info("resumed from %s at step %d", state, step)
+        return step
+    raise ResumeError(f"Every resumable state in {states[0].parent} is damaged; start a new run without "
+                      "--resume-from-checkpoint.")
+
+
+def _safetensor_error() -> type:
+    from safetensors import SafetensorError
+
+    return SafetensorError
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -147,29 +191,56 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResult:
+@dataclass
+class Prepared:
+    """Everything train() needs that can be checked before a run folder exists: data, model, method."""
+    accelerator: object
+    device: torch.device
+    precision: str
+    base_dtype: torch.dtype
+    data: StyleFolder
+    components: Components
+    method: object
+    param_groups: list[dict]
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Setup phase: read the data, load the base, check the config against it and let the method set
+    up its trainable parameters. Writes nothing, so a bad input stops here with nothing created."""
     from accelerate import Accelerator
+
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.mixed_precision, device)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              cpu=device.type == "cpu")
+    torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
+    data = style_folder_for(cfg)
+    base_dtype = weight_dtype(precision)  # frozen base in bf16/fp16 on GPU; trainable weights stay fp32
+    c = Components.from_pipeline(load_pipeline(cfg.base_model, base_dtype), cfg.prediction_type)
+    if c.noise_scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"The base model's scheduler predicts {c.noise_scheduler.config.prediction_type!r}, which "
+                          f"this loop cannot train; pass --prediction-type {' or '.join(PREDICTION_TYPES)}.")
+    check_resolution(c.vae, c.unet, cfg.resolution)
+    if cfg.method == "lora":  # checked here, not deep inside peft, so the message names the flag
+        check_lora_targets(c.unet, cfg.unet_target_modules, cfg.rank, "--unet-target-modules")
+        if cfg.train_text_encoder:
+            check_lora_targets(c.text_encoder, cfg.text_encoder_target_modules, cfg.rank, "--text-encoder-target-modules")
+    method = get_method(cfg)
+    param_groups = method.setup(c)
+    return Prepared(accelerator, accelerator.device, precision, base_dtype, data, c, method, param_groups)
+
+
+def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = (), prepared: Prepared | None = None) -> TrainResult:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import compute_snr
     from safetensors.torch import load_file, save_file
 
     # ─── setup ────────────────────────────────────────────────────────────────────────────────
-    device = pick_device(cfg.device)
-    precision = pick_precision(cfg.mixed_precision, device)
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=device.type == "cpu")
-    device = accelerator.device
-    torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
-    data = style_folder_for(cfg)
+    prep = prepared or prepare(cfg)
+    accelerator, device, precision, base_dtype = prep.accelerator, prep.device, prep.precision, prep.base_dtype
+    data, c, method, param_groups = prep.data, prep.components, prep.method, prep.param_groups
     log.info("style %r: %d training images, %d held out for evaluation", data.name, len(data.train), len(data.heldout))
-    base_dtype = weight_dtype(precision)  # frozen base in bf16/fp16 on GPU; trainable weights stay fp32
-    c = Components.from_pipeline(load_pipeline(cfg.base_model, base_dtype), cfg.prediction_type)
-    prediction_type = c.noise_scheduler.config.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(f"The base model's scheduler predicts {prediction_type!r}, which this loop cannot train; "
-                          f"pass --prediction-type {' or '.join(PREDICTION_TYPES)}.")
-    method = get_method(cfg)
-    param_groups = method.setup(c)
+    prediction_type = c.noise_scheduler.config.prediction_type  # checked in prepare()
     n_trainable = sum(p.numel() for g in param_groups for p in g["params"])
     log.info("method %s: %s trainable parameters, precision %s, device %s, world size %d", method.name,
              f"{n_trainable:,}", precision, device, accelerator.num_processes)
@@ -253,13 +324,7 @@ def train(cfg: TrainConfig, run_dir: Path, hooks: list[Hook] = ()) -> TrainResul
     checkpoints = run_dir / "checkpoints"
     start_step = 0
     if cfg.resume_from_checkpoint:
-        state = latest_state(checkpoints) if cfg.resume_from_checkpoint == "latest" else Path(cfg.resume_from_checkpoint)
-        if state is None or not state.is_dir():
-            raise ConfigError(f"No resumable state {cfg.resume_from_checkpoint!r} in {checkpoints}; "
-                              "drop --resume-from-checkpoint to start fresh.")
-        accelerator.load_state(str(state))
-        start_step = int(state.name[len(STATE_PREFIX):])
-        log.info("resumed from %s at step %d", state, start_step)
+        start_step = load_resumable_state(accelerator, states_to_try(cfg, run_dir))
 
     def save_state(step: int) -> Path:
         final = checkpoints / f"{STATE_PREFIX}{step:06d}"
@@ -442,90 +507,206 @@ class ValidationHook:
 
 # ─── the whole run: folder, tracking, train, sample, evaluate ───────────────────────────────
 def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None) -> Path:
-    """Train, sample, evaluate and track one run. Under `accelerate launch` / `torchrun` every process
-    trains its share of each batch; only the main process owns the run folder, MLflow, samples and metrics."""
+    """Check everything (inputs, model, store, resume), then create the run folder and MLflow run, train,
+    sample and evaluate. A refused run leaves nothing behind; a started one always ends with a status.
+
+    Under `accelerate launch` / `torchrun` every process trains its share of each batch; only the main
+    process owns the run folder, MLflow, samples and metrics.
+    """
     from accelerate import PartialState
 
-    from research.sample import sample_run
-    from research.tracking import SUBDIRS, Tracker, flatten_metrics, setup_logging, write_metrics
+    from research.tracking import FILE_ONLY, check_store_writable, early_records, setup_logging
 
-    if not Path(cfg.style_dir).is_dir():  # fail before a run folder or MLflow run exists
-        raise DataError(f"Style folder {cfg.style_dir} does not exist; pass a folder of images with --style-dir.")
+    resume = bool(cfg.resume_from_checkpoint)
+    setup_logging()
     processes = PartialState(cpu=pick_device(cfg.device).type == "cpu")
+    with early_records() as checks_log:
+        if resume and processes.is_main_process:
+            check_resume(cfg, Path(cfg.run_dir))
+        prepared = prepare(cfg)
+        if track and processes.is_main_process:
+            check_store_writable()
     run_dir = _shared_run_dir(cfg, processes)
     if not processes.is_main_process:
-        setup_logging()  # console only: logs.txt is the main process's
-        train(cfg, run_dir)
+        train(cfg, run_dir, prepared=prepared)  # a peer: it trains; the main process keeps the records
         return run_dir
-    for sub in SUBDIRS:
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir / "logs.txt")
-    write_json(run_dir / "config.json", cfg.to_dict())
-    tags = {"experiment": cfg.experiment, "method": cfg.method, "style": cfg.resolved_style_name(),
-            "base_model": cfg.base_model, "run_dir": str(run_dir), **(tags or {})}
-    tracker = Tracker(run_dir, cfg.experiment, cfg.resolved_run_name(), tags, enabled=track)
-    log.info("run folder %s%s", run_dir, f" (MLflow run {tracker.run_id})" if tracker.run_id else "")
     try:
-        tracker.log_params(cfg.to_dict())
-        prompts = read_validation_prompts(Path(cfg.style_dir), cfg.resolved_style_name(), cfg.validation_prompts_file)
-        result = train(cfg, run_dir, hooks=[MLflowHook(tracker), ValidationHook(cfg, tracker, prompts)])
-        # free the training graph, then sample through the saved file, the way a user loads it
-        device = result.components.unet.device
-        del result.components
-        pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
-        log.info("sampling %d images per arm (base model, then adapter; same prompts and seeds)", cfg.num_eval_images)
-        samples = sample_run(run_dir, cfg, result.method, prompts=result.data.validation_prompts, base_pipe=pipe)
-        metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "delta": {}, "cost": result.cost}
-        log.info("evaluating %s against %d held-out images", cfg.metrics, len(result.data.heldout))
-        metrics.update(evaluate_samples(cfg, samples, [e.image for e in result.data.heldout], device))
-        write_metrics(run_dir, metrics)
-        log.info("metrics written to %s\n%s", run_dir / "metrics.json", format_table(metrics))
-        tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
-        # large full-model checkpoints (DreamBooth's UNet) stay once, in the run folder; MLflow gets the
-        # pointer file the method writes beside them instead of a second multi-GB copy
-        stored_once = tuple(f"checkpoints/{p}" for p in result.method.stored_once)
-        tracker.log_folder(skip=(f"checkpoints/{STATE_PREFIX}", *stored_once))
-        tracker.finish("FINISHED")
-    except USER_ERRORS as err:
-        log.error("%s", err)  # the user's input, not a bug: one line, no traceback
-        tracker.fail()
-        raise
+        tracker = _start_records(cfg, run_dir, track, tags, resume, checks_log)
     except BaseException:
-        log.exception("run failed")
-        tracker.fail()
+        if not resume and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # the MLflow store refused the run: leave no empty folder behind
+        raise
+    try:
+        _train_sample_evaluate(cfg, run_dir, tracker, prepared)
+    except (RunInterrupted, KeyboardInterrupt) as stop:
+        name = getattr(stop, "signal_name", "SIGINT")
+        reason = (f"stopped by {name}; the last resumable state is kept: continue with "
+                  f"python -m research.train --run-dir {run_dir} --resume-from-checkpoint latest")
+        log.error("%s", reason, extra=FILE_ONLY)
+        tracker.finish("KILLED", reason)
+        raise RunInterrupted(name, reason) from None
+    except BaseException as err:
+        # the console gets one line from the CLI (or the traceback of a bug, once); logs.txt gets it all
+        log.error("run failed: %s: %s", type(err).__name__, err, exc_info=not _is_user_error(err),
+                  extra=FILE_ONLY)
+        tracker.fail(f"{type(err).__name__}: {err}")
         raise
     return run_dir
 
 
-def _shared_run_dir(cfg: TrainConfig, processes) -> Path:
-    """The main process names the run folder; the others are told it, so all write one run."""
-    from accelerate.utils import broadcast_object_list
-
+def _claim_run_dir(cfg: TrainConfig) -> Path:
     from research.tracking import new_run_dir
 
-    path = [None]
-    if processes.is_main_process:
-        path[0] = str(cfg.run_dir or new_run_dir(cfg.output_dir, cfg.experiment, cfg.resolved_run_name()))
+    if not cfg.run_dir:
+        return new_run_dir(cfg.output_dir, cfg.experiment, cfg.resolved_run_name())
+    run_dir = Path(cfg.run_dir)
+    if not cfg.resume_from_checkpoint and (run_dir / "config.json").exists():
+        raise ConfigError(f"{run_dir} already holds a run; add --resume-from-checkpoint latest to continue it, "
+                          "or drop --run-dir to start a new one.")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)  # a folder a caller made for us (a search trial) is fine
+    except OSError as err:
+        raise ConfigError(f"Cannot create the run folder {run_dir} ({err.strerror}); pass a writable --run-dir.") from None
+    return run_dir
+
+
+def _start_records(cfg: TrainConfig, run_dir: Path, track: bool, tags: dict | None, resume: bool,
+                   checks_log: list[logging.LogRecord]):
+    from research.tracking import SUBDIRS, Tracker, setup_logging
+
+    for sub in SUBDIRS:
+        (run_dir / sub).mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir / "logs.txt", replay=checks_log)
+    if not resume:  # a resumed run keeps the config it was started with (check_resume made sure they agree)
+        write_json(run_dir / "config.json", cfg.to_dict())
+    tags = {"experiment": cfg.experiment, "method": cfg.method, "style": cfg.resolved_style_name(),
+            "base_model": cfg.base_model, "run_dir": str(run_dir), **(tags or {})}
+    tracker = Tracker(run_dir, cfg.experiment, cfg.resolved_run_name(), tags, enabled=track, resume=resume)
+    log.info("run folder %s%s%s", run_dir, f" (MLflow run {tracker.run_id})" if tracker.run_id else "",
+             ", resumed" if resume else "")
+    return tracker
+
+
+def _train_sample_evaluate(cfg: TrainConfig, run_dir: Path, tracker, prepared: Prepared) -> None:
+    from research.sample import sample_run
+    from research.tracking import flatten_metrics, write_metrics
+
+    tracker.log_params(cfg.to_dict())
+    prompts = prepared.data.validation_prompts
+    result = train(cfg, run_dir, hooks=[MLflowHook(tracker), ValidationHook(cfg, tracker, prompts)], prepared=prepared)
+    del prepared
+    # free the training graph, then sample through the saved file, the way a user loads it
+    device = result.components.unet.device
+    del result.components
+    pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
+    log.info("sampling %d images per arm (base model, then adapter; same prompts and seeds)", cfg.num_eval_images)
+    samples = sample_run(run_dir, cfg, result.method, prompts=result.data.validation_prompts, base_pipe=pipe)
+    metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "delta": {}, "cost": result.cost}
+    log.info("evaluating %s against %d held-out images", cfg.metrics, len(result.data.heldout))
+    metrics.update(evaluate_samples(cfg, samples, [e.image for e in result.data.heldout], device))
+    write_metrics(run_dir, metrics)
+    log.info("metrics written to %s\n%s", run_dir / "metrics.json", format_table(metrics))
+    tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
+    # large full-model checkpoints (DreamBooth's UNet) stay once, in the run folder; MLflow gets the
+    # pointer file the method writes beside them instead of a second multi-GB copy
+    stored_once = tuple(f"checkpoints/{p}" for p in result.method.stored_once)
+    tracker.log_folder(skip=(f"checkpoints/{STATE_PREFIX}", *stored_once))
+    tracker.finish("FINISHED")
+
+
+def _is_user_error(err: BaseException) -> bool:
+    return isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS)
+
+
+# ─── resume: only what ran ───────────────────────────────────────────────────────────────────
+def resumed_config(values: dict) -> TrainConfig:
+    """A resume's config is the run's own config.json; the values given on top are kept so that
+    check_resume can name every one that would change the run."""
+    from research.config import read_config_file
+
+    if not values.get("run_dir"):
+        raise ConfigError("--resume-from-checkpoint needs --run-dir pointing at the run folder to continue.")
+    stored = Path(values["run_dir"]) / "config.json"
+    if not stored.is_file():
+        raise ResumeError(f"{values['run_dir']} is not a run folder (no config.json); pass the folder of the run "
+                          "to continue to --run-dir.")
+    return TrainConfig.from_dict({**read_config_file(stored), **values}, source="command line")
+
+
+def check_resume(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse a resume that would not continue the run that ran: other flags, a finished or live run,
+    no state to start from."""
+    from research.tracking import process_alive, read_record
+
+    stored = TrainConfig.from_json_file(run_dir / "config.json").to_dict()
+    changed = [f"--{k.replace('_', '-')} {stored[k]!r} -> {v!r}" for k, v in cfg.to_dict().items()
+               if k not in RESUME_MAY_CHANGE and stored.get(k) != v]
+    if changed:
+        raise ResumeError(f"Resuming {run_dir} would change the run ({'; '.join(changed)}); drop those flags "
+                          "(a resume reads the run's own config.json) or start a new run.")
+    record = read_record(run_dir)
+    if record.get("status") == "FINISHED":
+        raise ResumeError(f"{run_dir} finished already; there is nothing to resume (start a new run to train more).")
+    if record.get("status") == "RUNNING" and process_alive(record.get("pid"), record.get("host"), record.get("pid_start")):
+        raise ResumeError(f"{run_dir} is still being trained by process {record.get('pid')}; wait for it or stop it first.")
+    states_to_try(cfg, run_dir)
+
+
+def _shared_run_dir(cfg: TrainConfig, processes) -> Path:
+    """The main process claims the run folder; the others are told it, so all write one run."""
+    from accelerate.utils import broadcast_object_list
+
+    path = [str(_claim_run_dir(cfg)) if processes.is_main_process else None]
     if processes.num_processes > 1:
         broadcast_object_list(path)
     return Path(path[0])
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m research.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m research.train", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--no-tracking", action="store_true", help="write the run folder only, no MLflow run")
     return parser
 
 
+@contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM raise RunInterrupted in the main thread, so the run ends through its own
+    bookkeeping (state kept, status KILLED); a second signal during that cleanup is ignored."""
+    def handler(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_from_args(args)
-        run_dir = run(cfg, track=not args.no_tracking)
+        with stop_on_signals():
+            values = given_values(args)
+            resume = bool(values.get("resume_from_checkpoint"))
+            cfg = resumed_config(values) if resume else TrainConfig.from_dict(values, source="command line")
+            run_dir = run(cfg, track=not args.no_tracking)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunInterrupted as stop:
+        print(f"error: {stop.reason or f'stopped by {stop.signal_name} before the run started; nothing was written'}",
+              file=sys.stderr)
+        return 128 + signal.Signals[stop.signal_name].value
+    except OSError as err:
+        if err.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"error: {err.strerror} ({err.filename or 'while writing'}); free space or fix permissions, then "
+              "continue with --run-dir <the run folder> --resume-from-checkpoint latest.", file=sys.stderr)
         return 2
     from accelerate import PartialState
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import struct
+import zlib
 import tempfile
 from pathlib import Path
 
@@ -86,3 +88,12 @@ def load_report(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height: Pillow reads the size from IHDR without decoding anything."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")

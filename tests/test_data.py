@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import _pattern
+from conftest import _pattern, png_header
 from research.data import (DEFAULT_PROMPTS, GENERIC_PROMPTS, DataError, load_rgb, load_style_folder, preprocess,
                            read_validation_prompts)
 
@@ -92,3 +92,42 @@ def test_preprocess_resizes_crops_flips_to_minus_one_one():
     assert torch.allclose(flipped, x.flip(-1))
     left = preprocess(image, 32, center_crop=False, rng=random.Random(0))
     assert left.shape == (3, 32, 32)
+
+
+def test_unusable_files_among_good_ones_are_skipped_by_name(odd_style_dir, tmp_path, caplog):
+    """A FIFO (never opened: it would block), a 20000x20000 header (not decoded) and a folder are named
+    and skipped; the good images still load."""
+    import os
+    import shutil
+
+    d = shutil.copytree(odd_style_dir, tmp_path / "style")
+    os.mkfifo(d / "pipe.png")
+    (d / "huge.png").write_bytes(png_header(20000, 20000))  # over Pillow's bomb limit: it would raise
+    (d / "big.png").write_bytes(png_header(9000, 9000))  # under Pillow's limit, over ours
+    (d / "folder.jpg").mkdir()
+    with caplog.at_level(logging.WARNING):
+        folder = load_style_folder(d, resolution=32, holdout_fraction=0.0)
+    assert len(folder.train) == len(load_style_folder(odd_style_dir, resolution=32, holdout_fraction=0.0).train)
+    assert "pipe.png: not a regular file" in caplog.text and "folder.jpg: not a regular file" in caplog.text
+    assert "huge.png: larger than" in caplog.text and "big.png: 9000x9000 is larger than" in caplog.text
+
+
+def test_captions_are_utf8_with_a_named_fallback(tmp_path, caplog):
+    for name in ["a", "b", "c"]:
+        Image.fromarray(_pattern(1)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_bytes("caf\u00e9 au lait".encode("utf-8-sig"))
+    (tmp_path / "b.txt").write_bytes("caf\u00e9 cr\u00e8me".encode("latin-1"))
+    (tmp_path / "c.txt").write_bytes(b"\x00\x01binary\x02")
+    with caplog.at_level(logging.WARNING):
+        folder = load_style_folder(tmp_path, resolution=32, holdout_fraction=0.0, style_name="s")
+    captions = {e.path.stem: e.caption for e in folder.train}
+    assert captions == {"a": "caf\u00e9 au lait", "b": "caf\u00e9 cr\u00e8me", "c": "an illustration in s style"}
+    assert "b.txt is not UTF-8" in caplog.text and "Latin-1" in caplog.text
+    assert "c.txt holds control bytes" in caplog.text and "a.txt" not in caplog.text
+
+
+def test_latin1_prompts_are_read_with_a_warning(tmp_path, caplog):
+    (tmp_path / "validation_prompts.txt").write_bytes("un caf\u00e9\n".encode("latin-1"))
+    with caplog.at_level(logging.WARNING):
+        assert read_validation_prompts(tmp_path, "x") == ["un caf\u00e9"]
+    assert "not UTF-8" in caplog.text

@@ -41,10 +41,10 @@ def study_dir(tiny_model, odd_style_dir, tiny_clip, tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
     real_train = train_module.train
 
-    def crash_second_trial(cfg, run_dir, hooks=()):
+    def crash_second_trial(cfg, run_dir, hooks=(), **kwargs):
         if cfg.run_name.endswith("_t001"):
             raise RuntimeError("simulated crash in trial 1")
-        return real_train(cfg, run_dir, hooks)
+        return real_train(cfg, run_dir, hooks, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
