@@ -42,6 +42,7 @@ class TrainConfig:
     center_crop: bool = True  # center crop after resizing; false = random crop (disables latent caching)
     random_flip: bool = True  # horizontal flip augmentation (cached latents keep both flips)
     holdout_fraction: float = 0.2  # images held out of training as evaluation references
+    heldout_split: str = "all"  # references evaluation uses: all | selection | reporting (alternate halves of the held-out images, so a search selects on one and reports on the other)
     # ── base model ────────────────────────────────────────────────────────────────────────────
     base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, diffusers folder, .safetensors, or "embedded"
     mixed_precision: str = "auto"  # auto = bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU
@@ -91,6 +92,7 @@ class TrainConfig:
     num_eval_images: int = 64  # images per arm (adapter and baseline): prompts x seeds
     validation_steps: int = 0  # log validation images to MLflow every N steps; 0 = only at the end
     sample_batch_size: int = 8  # images per pipeline call
+    eval_seed_offset: int = 0  # added to --seed for the evaluation images; a search re-scores its best trial on fresh seeds
     # ── evaluation ────────────────────────────────────────────────────────────────────────────
     metrics: str = "clip_score,style_similarity,fid,kid,inception_score,lpips_diversity"  # computed at the end of training; "none" = skip
     clip_model: str = "openai/clip-vit-base-patch32"  # CLIP for clip_score/style_similarity: hub id or folder
@@ -170,6 +172,10 @@ class TrainConfig:
             raise ConfigError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}.")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}.")
+        if self.heldout_split not in {"all", "selection", "reporting"}:
+            raise ConfigError(f"--heldout-split must be all, selection or reporting, got {self.heldout_split!r}.")
+        if self.eval_seed_offset < 0:
+            raise ConfigError(f"--eval-seed-offset must not be negative, got {self.eval_seed_offset}.")
         if self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}.")
         if self.mixed_precision not in {"auto", "no", "fp16", "bf16"}:

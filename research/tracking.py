@@ -82,6 +82,20 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
     return flat
 
 
+def experiment_id(name: str) -> str:
+    """The MLflow experiment of that name, created if missing (artifacts beside a SQLite store)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:///"):  # artifacts beside the SQLite store, not in the cwd
+        location = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
 class Tracker:
     """One MLflow run (or none, with ``enabled=False``) bound to one run folder."""
 
@@ -104,13 +118,7 @@ class Tracker:
         mlflow.set_tags(tags)
 
     def _experiment_id(self, name: str) -> str:
-        found = self.mlflow.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        location = None
-        if tracking_uri().startswith("sqlite:///"):  # artifacts beside the SQLite store, not in the cwd
-            location = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        return self.mlflow.create_experiment(name, artifact_location=location)
+        return experiment_id(name)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log the resolved config. Under `mlflow run` the -P values are already logged and MLflow

@@ -42,6 +42,10 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. NaN loss); the message says what to change."""
 
 
+class StopTraining(Exception):
+    """A hook ends the run early on purpose (a search prunes a trial): the run is KILLED, not FAILED."""
+
+
 USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, TrainingError)
 
 
@@ -366,6 +370,28 @@ class MLflowHook:
         self.tracker.log_metrics({f"cost.{k}": float(v) for k, v in result.cost.items()})
 
 
+def sample_in_training(cfg: TrainConfig, c: Components, jobs: list, desc: str) -> list:
+    """Images from the components as they are mid-training (adapter in place), then back to train mode."""
+    from diffusers import StableDiffusionPipeline
+
+    from research.models import make_sampler
+    from research.sample import generate
+
+    device = c.unet.device
+    pipe = StableDiffusionPipeline(vae=c.vae.to(device), text_encoder=c.text_encoder.to(device),
+                                   tokenizer=c.tokenizer, unet=c.unet, scheduler=c.noise_scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = make_sampler(pipe, cfg.sampler)
+    pipe.set_progress_bar_config(disable=True)
+    half = c.vae.dtype != torch.float32  # fp32 trainable weights inside a bf16/fp16 base: sample as training runs
+    with torch.autocast(device.type, dtype=c.vae.dtype, enabled=half and device.type == "cuda"):
+        images = generate(pipe, jobs, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                          resolution=cfg.resolution, batch_size=cfg.sample_batch_size, desc=desc,
+                          prompt_fn=get_method(cfg).caption)
+    c.unet.train()
+    return images
+
+
 class ValidationHook:
     """Every N steps, sample the first validation prompts with the adapter in place and log them."""
 
@@ -375,25 +401,10 @@ class ValidationHook:
     def on_step(self, info: StepInfo, c: Components) -> None:
         if not self.cfg.validation_steps or info.step % self.cfg.validation_steps:
             return
-        from diffusers import StableDiffusionPipeline
+        from research.sample import Job
 
-        from research.models import make_sampler
-        from research.sample import Job, generate
-
-        device = c.unet.device
-        pipe = StableDiffusionPipeline(vae=c.vae.to(device), text_encoder=c.text_encoder.to(device),
-                                       tokenizer=c.tokenizer, unet=c.unet, scheduler=c.noise_scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = make_sampler(pipe, self.cfg.sampler)
-        pipe.set_progress_bar_config(disable=True)
         jobs = [Job(i, p, self.cfg.seed) for i, p in enumerate(self.prompts)]
-        half = c.vae.dtype != torch.float32  # fp32 trainable weights inside a bf16/fp16 base: sample as training runs
-        with torch.autocast(device.type, dtype=c.vae.dtype, enabled=half and device.type == "cuda"):
-            images = generate(pipe, jobs, num_inference_steps=self.cfg.num_inference_steps,
-                              guidance_scale=self.cfg.guidance_scale, resolution=self.cfg.resolution,
-                              desc="validation", prompt_fn=get_method(self.cfg).caption)
-        c.unet.train()
-        for job, image in zip(jobs, images):
+        for job, image in zip(jobs, sample_in_training(self.cfg, c, jobs, "validation")):
             self.tracker.log_image(image, job.file_name, step=info.step)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
@@ -404,7 +415,7 @@ class ValidationHook:
 
 
 # ─── the whole run: folder, tracking, train, sample, evaluate ───────────────────────────────
-def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None) -> Path:
+def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None, hooks: list[Hook] = ()) -> Path:
     from research.sample import sample_run
     from research.tracking import SUBDIRS, Tracker, flatten_metrics, new_run_dir, setup_logging, write_metrics
 
@@ -422,7 +433,7 @@ def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None
     try:
         tracker.log_params(cfg.to_dict())
         prompts = read_validation_prompts(Path(cfg.style_dir), cfg.resolved_style_name(), cfg.validation_prompts_file)
-        result = train(cfg, run_dir, hooks=[MLflowHook(tracker), ValidationHook(cfg, tracker, prompts)])
+        result = train(cfg, run_dir, hooks=[MLflowHook(tracker), ValidationHook(cfg, tracker, prompts), *hooks])
         # free the training graph, then sample through the saved file, the way a user loads it
         device = result.components.unet.device
         del result.components
@@ -440,6 +451,10 @@ def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None
     except USER_ERRORS as err:
         log.error("%s", err)  # the user's input, not a bug: one line, no traceback
         tracker.fail()
+        raise
+    except StopTraining as err:
+        log.info("stopped early: %s", err)
+        tracker.finish("KILLED")  # its params and the metrics logged so far stay with the run
         raise
     except BaseException:
         log.exception("run failed")
