@@ -227,6 +227,7 @@ class TrialRunner:
     def __call__(self, trial):
         import optuna
 
+        from research.search_records import worker_name
         from research.train import run
 
         params = suggest(trial, self.space)
@@ -237,6 +238,7 @@ class TrialRunner:
         cfg.run_dir = str(run_dir)  # known before training, so a failed trial still points at its folder
         cfg.validate()
         trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", worker_name())
         tags = {"study_name": self.study_name, "trial_number": str(trial.number),
                 "objective": ",".join(self.objectives), "mlflow.parentRunId": self.parent_run_id}
         log.info("trial %d: %s -> %s", trial.number, params, run_dir)

@@ -57,9 +57,13 @@ def wait_for_parent(study, cfg, settings: dict) -> None:
         time.sleep(0.5)
 
 
+def worker_name() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}"
+
+
 def tag_worker(parent_run_id: str, seed: int, threads: int) -> None:
     """Each worker leaves its sampler seed on the parent run, so its draws can be repeated."""
-    worker = f"{os.uname().nodename}-{os.getpid()}"
+    worker = worker_name()
     client = _client()
     client.set_tag(parent_run_id, f"worker.{worker}.sampler_seed", str(seed))
     client.set_tag(parent_run_id, f"worker.{worker}.threads", str(threads or "all"))

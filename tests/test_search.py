@@ -282,3 +282,91 @@ def test_search_figure_draws_from_mlflow(study_dir, tmp_path, monkeypatch):
     files = {a.path for a in mlflow.MlflowClient().list_artifacts(best["mlflow_run_id"], "reports")}
     assert "reports/search.png" in files
     assert report.main(["--study-name", "no-such-study"]) == 2
+
+
+# ─── many machines: a real PostgreSQL server, one worker killed mid-trial ────────────────────
+@pytest.fixture()
+def postgresql_url(tmp_path):
+    """A throwaway PostgreSQL server on 127.0.0.1 in tmp_path, stopped after the test."""
+    import shutil
+    import socket
+    import subprocess
+
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not on PATH: apt-get install postgresql")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("no PostgreSQL driver for SQLAlchemy: pip install psycopg2-binary")
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("initdb refuses to run as root; run the slow tests as an ordinary user")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "pgdata"
+    subprocess.run([initdb, "-D", str(data), "-U", "optuna", "--auth=trust"], check=True, capture_output=True)
+    subprocess.run([pg_ctl, "-D", str(data), "-l", str(tmp_path / "pg.log"), "-w", "start",
+                    "-o", f"-p {port} -h 127.0.0.1 -k {tmp_path}"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://optuna@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+
+
+@pytest.mark.slow
+def test_postgresql_workers_survive_one_killed_mid_trial(postgresql_url, tiny_model, odd_style_dir, tiny_clip,
+                                                         tmp_path, monkeypatch):
+    """Two workers on one PostgreSQL study; one is SIGKILLed in its first trial. Its trial is failed by
+    heartbeat and retried with the same params, the study reaches 4 complete trials, nothing twice."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = search_args(odd_style_dir, tiny_model, tiny_clip, tmp_path, 4, study="pg", metrics="none",
+                       objectives="cost.trainable_params", steps_range="40,40", num_eval_images=1,
+                       total_trials=4, finalize="false")
+    args += ["--storage", postgresql_url, "--heartbeat-interval", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    workers = [subprocess.Popen([sys.executable, "-m", "research.search", *args], env=env) for _ in range(2)]
+    victim = workers[0]
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # wait until the victim is inside a trial, then kill it
+            try:
+                trials = optuna.load_study(study_name="pg", storage=postgresql_url).trials
+            except KeyError:  # the study is not created yet
+                trials = []
+            if any(t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(f"-{victim.pid}")
+                   for t in trials):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the first worker never started a trial")
+        victim.send_signal(signal.SIGKILL)
+        assert workers[1].wait(timeout=600) == 0
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+    assert search.main(args + ["--n-trials", "0", "--finalize", "true"]) == 0
+    trials = optuna.load_study(study_name="pg", storage=postgresql_url).trials
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    (killed,) = [t for t in trials if t.user_attrs.get("worker", "").endswith(f"-{victim.pid}")
+                 and t.state.name != "COMPLETE"]
+    assert killed.state.name == "FAIL" and len(complete) >= 4
+    (retry,) = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert retry.state.name == "COMPLETE" and retry.params == killed.params
+    children, _ = _children(tmp_path, "pg")
+    numbers = [int(r.data.tags["trial_number"]) for r in children]
+    assert len(numbers) == len(set(numbers))  # no trial has two runs
+    by_number = {int(r.data.tags["trial_number"]): r for r in children}
+    assert by_number[killed.number].info.status == "FAILED"
+    assert all(by_number[t.number].info.status == "FINISHED" for t in complete)
