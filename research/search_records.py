@@ -15,6 +15,7 @@ from pathlib import Path
 
 from research.atomic import write_json
 from research.tracking import experiment_id, flatten_metrics, tracking_uri
+from research.train import STATE_PREFIX
 
 log = logging.getLogger("research")
 PARENT_WAIT_SECONDS = 60  # a worker that lost the race to create the study waits this long for its parent run
@@ -103,8 +104,9 @@ def rescore(run_dir: Path, seed_offset: int) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     (out / "checkpoints").mkdir(parents=True)
     for path in (run_dir / "checkpoints").iterdir():
-        if path.is_file():  # the adapter files; resumable training states are not needed to sample
-            shutil.copy2(path, out / "checkpoints" / path.name)
+        if not path.name.startswith(STATE_PREFIX):  # resumable training states are not needed to sample
+            # a link, not a copy: a DreamBooth UNet is gigabytes and is stored once
+            (out / "checkpoints" / path.name).symlink_to(path.resolve(), target_is_directory=path.is_dir())
     write_json(out / "config.json", cfg)
     if evaluate_main(["--run-dir", str(out)]) != 0:
         raise RuntimeError(f"re-scoring {run_dir} failed; see {out / 'logs.txt'}")

@@ -73,9 +73,20 @@ def tiny_clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def study_dir(tiny_model, odd_style_dir, tiny_clip, tmp_path_factory):
+def out(tmp_path_factory) -> Path:
+    """One MLflow store and one journal file for the module (a new MLflow SQLite store costs seconds);
+    every test has its own study name."""
+    return tmp_path_factory.mktemp("search")
+
+
+@pytest.fixture(autouse=True)
+def _store(out, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def study_dir(out, tiny_model, odd_style_dir, tiny_clip):
     """Three TPE trials (alpha = 2 x rank), the second forced to crash; then the same command with one more."""
-    out = tmp_path_factory.mktemp("search")
     real_train = train_module.train
 
     def crash_second_trial(cfg, run_dir, hooks=()):
@@ -169,17 +180,16 @@ def test_alpha_follows_rank_and_the_ratio_can_be_searched():
     assert isinstance(dists["rank"], optuna.distributions.CategoricalDistribution)
 
 
-def test_grid_enumerates_exactly_the_configured_grid(tiny_model, odd_style_dir, tiny_clip, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    args = search_args(odd_style_dir, tiny_model, tiny_clip, tmp_path, None, study="grid", search_sampler="grid",
+def test_grid_enumerates_exactly_the_configured_grid(tiny_model, odd_style_dir, tiny_clip, out):
+    args = search_args(odd_style_dir, tiny_model, tiny_clip, out, None, study="grid", search_sampler="grid",
                        grid_ranks="2,4", grid_steps="1,2", grid_lrs="1e-3", metrics="none",
                        objectives="cost.trainable_params", num_eval_images=1)
     assert search.main(args) == 0
-    trials = _study(tmp_path, "grid").trials
+    trials = _study(out, "grid").trials
     drawn = [(t.params["rank"], t.params["max_train_steps"]) for t in trials]
     assert sorted(drawn) == sorted(itertools.product([2, 4], [1, 2]))  # every point once, nothing else
     assert all(t.state.name == "COMPLETE" for t in trials)
-    assert len(_children(tmp_path, "grid")[0]) == 4
+    assert len(_children(out, "grid")[0]) == 4
 
 
 def test_original_grid_is_the_default_grid():
@@ -189,60 +199,56 @@ def test_original_grid_is_the_default_grid():
                                      "learning_rate": [1e-4, 5e-4]}
 
 
-def test_pruning_stops_the_trial_whose_intermediate_value_is_worst(tiny_model, odd_style_dir, tiny_clip, tmp_path,
+def test_pruning_stops_the_trial_whose_intermediate_value_is_worst(tiny_model, odd_style_dir, tiny_clip, out,
                                                                     monkeypatch):
     """Three trials score 0.5-0.7 at step 2, the fourth 0.1: the median pruner stops the fourth there."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     scores = iter([0.5, 0.6, 0.7, 0.1])
     monkeypatch.setattr(search, "intermediate_score", lambda *a, **k: next(scores))
-    args = search_args(odd_style_dir, tiny_model, tiny_clip, tmp_path, 4, study="prune", steps_range="4,4",
+    args = search_args(odd_style_dir, tiny_model, tiny_clip, out, 4, study="prune", steps_range="4,4",
                        report_every=2, pruner="median", prune_images=2)
     assert search.main(args) == 0
-    trials = _study(tmp_path, "prune").trials
+    trials = _study(out, "prune").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
     assert trials[3].intermediate_values == {2: 0.1} and trials[0].intermediate_values == {2: 0.5}
-    children, _ = _children(tmp_path, "prune")
+    children, _ = _children(out, "prune")
     pruned = children[3]
     assert pruned.info.status == "KILLED" and pruned.data.tags["trial_state"] == "PRUNED"
     assert pruned.data.metrics["intermediate.style_similarity"] == 0.1 and "train.loss" in pruned.data.metrics
     assert "adapter.style_similarity" not in pruned.data.metrics  # stopped before its full evaluation
 
 
-def test_several_objectives_use_nsga2_and_report_the_pareto_front(tiny_model, odd_style_dir, tiny_clip, tmp_path,
+def test_several_objectives_use_nsga2_and_report_the_pareto_front(tiny_model, odd_style_dir, tiny_clip, out,
                                                                   monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    args = search_args(odd_style_dir, tiny_model, tiny_clip, tmp_path, 2, study="pareto",
+    args = search_args(odd_style_dir, tiny_model, tiny_clip, out, 2, study="pareto",
                        objectives="adapter.style_similarity,cost.trainable_params")
     assert search.main(args) == 0
-    study = _study(tmp_path, "pareto")
+    study = _study(out, "pareto")
     assert study.user_attrs["search_sampler"] == "nsga2"
-    summary = json.loads((tmp_path / "runs" / "exp2" / "pareto_summary.json").read_text())
+    summary = json.loads((out / "runs" / "exp2" / "pareto_summary.json").read_text())
     assert summary["directions"] == ["maximize", "minimize"]
     assert {b["number"] for b in summary["best"]} == {t.number for t in study.best_trials}
     assert "Pareto front" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # two fresh Python processes importing torch: 78 s on the shared 2-core machine
-def test_two_workers_on_one_journal_file_share_the_trials(tiny_model, odd_style_dir, tiny_clip, tmp_path,
+def test_two_workers_on_one_journal_file_share_the_trials(tiny_model, odd_style_dir, tiny_clip, out,
                                                          monkeypatch):
     """--workers 2: two processes, 4 trials between them, every trial once in Optuna and once in MLflow."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    args = search_args(odd_style_dir, tiny_model, tiny_clip, tmp_path, 4, study="pair", metrics="none",
+    args = search_args(odd_style_dir, tiny_model, tiny_clip, out, 4, study="pair", metrics="none",
                        objectives="cost.trainable_params", workers=2, num_eval_images=1, max_train_steps=1)
     assert search.main(args) == 0
-    trials = _study(tmp_path, "pair").trials
+    trials = _study(out, "pair").trials
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     assert 4 <= len(complete) <= 5  # a worker mid-trial when the other reaches 4 finishes its trial
     assert [t.number for t in trials] == list(range(len(trials)))
-    children, (parent,) = _children(tmp_path, "pair")
+    children, (parent,) = _children(out, "pair")
     assert sorted(int(r.data.tags["trial_number"]) for r in children) == [t.number for t in trials]  # none twice
     seeds = {v for k, v in parent.data.tags.items() if k.endswith(".sampler_seed")}
     assert len(seeds) == 2  # each worker drew with its own seed
 
 
-def test_objective_errors_are_one_sentence(study_dir, tiny_model, odd_style_dir, tiny_clip, monkeypatch, capsys):
+def test_objective_errors_are_one_sentence(study_dir, tiny_model, odd_style_dir, tiny_clip, capsys):
     out, _ = study_dir  # the same stores, another study
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     args = search_args(odd_style_dir, tiny_model, tiny_clip, out, 2, study="bad_objective")
     # a metric the config does not compute fails before any training
     assert search.main(args + ["--objectives", "adapter.fid"]) == 2
@@ -268,13 +274,12 @@ def test_objective_value_reads_flattened_keys():
     assert search.resolve_directions(["adapter.fid", "adapter.oracle_style_accuracy"], "auto") == ["minimize", "maximize"]
 
 
-def test_search_figure_draws_from_mlflow(study_dir, tmp_path, monkeypatch):
+def test_search_figure_draws_from_mlflow(study_dir, tmp_path):
     import mlflow
     from PIL import Image
 
     out, _ = study_dir
     report = load_report("search_figure")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
     png = tmp_path / "search.png"
     assert report.main(["--study-name", STUDY, "--out", str(png)]) == 0
     assert Image.open(png).size[0] > 400
