@@ -73,8 +73,8 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
     for key, value in metrics.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            if "mean" in value:
-                flat[name] = float(value["mean"])
+            if "mean" in value:  # a NaN mean reads back from metrics.json as null
+                flat[name] = float("nan") if value["mean"] is None else float(value["mean"])
             else:
                 flat.update(flatten_metrics(value, name + "."))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
