@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -81,12 +82,14 @@ def write_table(rows: list[dict], path: Path) -> Path:
 
 
 # ─── style grid ─────────────────────────────────────────────────────────────────────────────
-def grid_prompts(cfg: TrainConfig, folders: list[Path], prompts_file: str) -> list[str]:
-    """--grid-prompts-file's lines, else the first validation prompt of each style (each style's own subject)."""
+def grid_prompts(cfg: TrainConfig, folders: list[Path], prompts_file: str, rows: int) -> list[str]:
+    """--grid-prompts-file's lines, else the styles' validation prompts taken in turn (first of each style,
+    then second, ...), distinct, `rows` of them."""
     if prompts_file:
-        return read_validation_prompts(Path(prompts_file).parent, "", prompts_file)
-    prompts = [read_validation_prompts(d, d.name, cfg.validation_prompts_file)[0] for d in folders]
-    return list(dict.fromkeys(prompts))
+        return read_validation_prompts(Path(prompts_file).parent, "", prompts_file)[:rows]
+    per_style = [read_validation_prompts(d, d.name, cfg.validation_prompts_file) for d in folders]
+    in_turn = [p for group in itertools.zip_longest(*per_style) for p in group if p is not None]
+    return list(dict.fromkeys(in_turn))[:rows]
 
 
 def grid_columns(cfg: TrainConfig, runs: dict[str, Path], prompts: list[str]) -> dict[str, list]:
@@ -154,7 +157,7 @@ def train_styles(cfg: TrainConfig, folders: list[Path], parent: str) -> tuple[li
     return rows, done
 
 
-def styles(cfg: TrainConfig, data_root: Path, only: str = "", prompts_file: str = "") -> dict:
+def styles(cfg: TrainConfig, data_root: Path, only: str = "", prompts_file: str = "", grid_rows: int = 4) -> dict:
     import mlflow
 
     folders = style_folders(data_root, only)
@@ -170,7 +173,7 @@ def styles(cfg: TrainConfig, data_root: Path, only: str = "", prompts_file: str 
     t0 = time.perf_counter()
     try:
         rows, done = train_styles(cfg, folders, parent)
-        prompts = grid_prompts(cfg, folders, prompts_file)
+        prompts = grid_prompts(cfg, folders, prompts_file, grid_rows)
         files = [write_table(rows, out / "results.csv")]
         if done:
             files.append(draw_grid(grid_columns(cfg, done, prompts), prompts, out / "grid.png"))
@@ -199,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder with one sub-folder of images per style")
     parser.add_argument("--styles", default="", help="comma-separated style folder names; empty = all")
     parser.add_argument("--grid-prompts-file", "--grid_prompts_file", dest="grid_prompts_file", default="",
-                        help="prompts of the style grid's rows; empty = each style's first validation prompt")
+                        help="prompts of the style grid's rows; empty = the styles' validation prompts in turn")
+    parser.add_argument("--grid-rows", "--grid_rows", dest="grid_rows", type=int, default=4,
+                        help="rows (prompts) of the style grid")
     add_config_arguments(parser)
     # the embedded toy default, like its data root; --config "" for the real-model defaults
     parser.set_defaults(config=str(TOY_CONFIG.relative_to(REPO_ROOT)), experiment="exp1")
@@ -210,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        cfg = config_from_args(args)
-        summary = styles(cfg, Path(args.data_root), args.styles, args.grid_prompts_file)
+        # the runs go to --experiment (exp1 by default), not to the experiment a --config file names
+        cfg = dataclasses.replace(config_from_args(args), experiment=args.experiment)
+        if args.grid_rows < 1:
+            raise ConfigError(f"--grid-rows must be at least 1, got {args.grid_rows}.")
+        summary = styles(cfg, Path(args.data_root), args.styles, args.grid_prompts_file, args.grid_rows)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -68,11 +68,13 @@ def test_results_table_has_a_row_per_style(result):
 
 def test_style_grid_rows_are_prompts_columns_base_then_styles_one_seed_per_row(result):
     _, summary = result
-    assert summary["grid_prompts"] == ["a bold square", "a striped card"]  # each style's first prompt
+    # the styles' validation prompts in turn, 4 rows by default
+    assert summary["grid_prompts"] == ["a bold square", "a striped card", "another a bold square",
+                                       "another a striped card"]
     assert summary["grid_columns"] == ["base", "bold", "inky"]
-    assert summary["grid_seeds"] == [3, 4]  # --seed 3, then one seed per row shared by every column
+    assert summary["grid_seeds"] == [3, 4, 5, 6]  # --seed 3, then one seed per row shared by every column
     grid = Image.open(Path(summary["folder"]) / "grid.png")
-    assert grid.size == (120 + 3 * 32, 14 + 2 * 32)
+    assert grid.size == (120 + 3 * 32, 14 + 4 * 32)
 
 
 def test_missing_or_unknown_styles_are_one_sentence(data_root, tmp_path, capsys):
