@@ -217,6 +217,26 @@ def test_pruning_stops_the_trial_whose_intermediate_value_is_worst(tiny_model, o
     assert "adapter.style_similarity" not in pruned.data.metrics  # stopped before its full evaluation
 
 
+def test_intermediate_score_is_the_adapter_metric_alone_and_nan_without_its_backbone(tiny_clip, odd_style_dir):
+    import math
+
+    from research.config import TrainConfig
+    from research.data import load_style_folder
+    from research.metrics import compute_metrics
+    from research.sample import plan_jobs
+
+    images = [e.image for e in load_style_folder(odd_style_dir, resolution=32).train]
+    refs, shots = images[:4], images[4:8]
+    jobs = plan_jobs(["a striped card", "a red card"], len(shots), 3)
+    cfg = TrainConfig(clip_model=str(tiny_clip), device="cpu", seed=3)
+    value = search.intermediate_score(cfg, shots, jobs, refs, "style_similarity", "cpu")
+    expected = compute_metrics(shots, None, [j.prompt for j in jobs], refs, metrics=["style_similarity"],
+                               clip_model=str(tiny_clip), seed=3, progress=False)["adapter"]["style_similarity"]
+    assert math.isfinite(value) and value == pytest.approx(expected["mean"])
+    missing = TrainConfig(clip_model=str(odd_style_dir / "no-clip-here"), device="cpu")
+    assert math.isnan(search.intermediate_score(missing, shots, jobs, refs, "style_similarity", "cpu"))
+
+
 def test_several_objectives_use_nsga2_and_report_the_pareto_front(tiny_model, odd_style_dir, tiny_clip, out,
                                                                   monkeypatch, capsys):
     args = search_args(odd_style_dir, tiny_model, tiny_clip, out, 2, study="pareto",
