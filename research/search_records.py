@@ -43,6 +43,7 @@ def create_parent_run(cfg, study_name: str, settings: dict) -> str:
         run_id = client.create_run(experiment_id(cfg.experiment), run_name=study_name).info.run_id
     client.set_tag(run_id, "study_name", study_name)
     client.set_tag(run_id, "role", "study")
+    client.set_tag(run_id, "experiment_kind", "search")
     for key, value in settings.items():
         client.set_tag(run_id, f"search.{key}", value)
     return run_id

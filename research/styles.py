@@ -169,6 +169,7 @@ def styles(cfg: TrainConfig, data_root: Path, only: str = "", prompts_file: str 
     if parent is None:
         parent = client.create_run(experiment_id(cfg.experiment), run_name=f"styles_{data_root.name}").info.run_id
     client.set_tag(parent, "role", "styles")
+    client.set_tag(parent, "experiment_kind", "styles")  # how research.study finds a finished Experiment I
     client.set_tag(parent, "data_root", str(data_root))
     t0 = time.perf_counter()
     try:
