@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOY_DATA := data/toy
 TOY_CONFIG := research/configs/toy.json
+TOY_STYLES := pastel,vivid,comic# data/toy's stand-ins for the seed's styles (plain is the base model's own look)
 
 # Optional knobs, e.g. `make train STYLE_DIR=data/ghibli RANK=16`; ARGS passes anything else.
 CONFIG ?=
@@ -55,7 +56,8 @@ compare: setup ## Experiment III, LoRA vs TI vs DreamBooth on one budget: STYLE_
 	$(PY) -m research.compare $(FLAGS) $(if $(METHODS),--methods $(METHODS))
 
 styles: setup $(if $(CONFIG)$(DATA_ROOT),,data) ## Experiment I, one LoRA per style folder + results table + style grid: DATA_ROOT=data/toy CONFIG=… STYLES=a,b
-	$(PY) -m research.styles $(if $(CONFIG),,--config $(TOY_CONFIG)) $(FLAGS) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(STYLES),--styles $(STYLES))
+	$(PY) -m research.styles $(if $(CONFIG),,--config $(TOY_CONFIG)) $(FLAGS) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+		$(if $(STYLES),--styles $(STYLES),$(if $(DATA_ROOT),,--styles $(TOY_STYLES)))
 
 search: setup $(if $(CONFIG),,data) ## Experiment II, Optuna (toy default): TRIALS=20 SAMPLER=tpe|random|grid|nsga2 OBJECTIVES=a,b WORKERS=2 STUDY=… ARGS="--storage postgresql://…"
 	$(PY) -m research.search $(if $(CONFIG),,--config $(TOY_CONFIG)) $(FLAGS) $(if $(TRIALS),--n-trials $(TRIALS)) \
