@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TOY_DATA := data/toy
 TOY_CONFIG := research/configs/toy.json
+TOY_STYLES := pastel,vivid,comic# data/toy's stand-ins for the seed's styles (plain is the base model's own look)
 
 # Optional knobs, e.g. `make train STYLE_DIR=data/ghibli RANK=16`; ARGS passes anything else.
 CONFIG ?=
@@ -15,7 +16,7 @@ FLAGS = $(if $(CONFIG),--config $(CONFIG)) $(if $(STYLE_DIR),--style-dir $(STYLE
 	$(if $(LORA_ALPHA),--lora-alpha $(LORA_ALPHA)) $(if $(STEPS),--max-train-steps $(STEPS)) \
 	$(if $(LR),--learning-rate $(LR)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
 
-.PHONY: help setup quickstart test test-slow train sample evaluate compare search blend report data toyworld ui bench clean clean-runs
+.PHONY: help setup quickstart test test-slow train sample evaluate compare styles search blend report data toyworld ui bench clean clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -54,8 +55,14 @@ evaluate: setup ## evaluate a run: RUN=runs/<experiment>/<run> [ARGS="--num-imag
 compare: setup ## Experiment III, LoRA vs TI vs DreamBooth on one budget: STYLE_DIR=… CONFIG=… STEPS=… METHODS=lora,dreambooth
 	$(PY) -m research.compare $(FLAGS) $(if $(METHODS),--methods $(METHODS))
 
-search: setup ## Experiment II, Optuna over rank/steps/lr: CONFIG=… STYLE_DIR=… TRIALS=20 STUDY=… ARGS="--storage postgresql://…"
-	$(PY) -m research.search $(FLAGS) --n-trials $(or $(TRIALS),20) $(if $(STUDY),--study-name $(STUDY))
+styles: setup $(if $(CONFIG)$(DATA_ROOT),,data) ## Experiment I, one LoRA per style folder + results table + style grid: DATA_ROOT=data/toy CONFIG=… STYLES=a,b
+	$(PY) -m research.styles $(if $(CONFIG),,--config $(TOY_CONFIG)) $(FLAGS) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) \
+		$(if $(STYLES),--styles $(STYLES),$(if $(DATA_ROOT),,--styles $(TOY_STYLES)))
+
+search: setup $(if $(CONFIG),,data) ## Experiment II, Optuna (toy default): TRIALS=20 SAMPLER=tpe|random|grid|nsga2 OBJECTIVES=a,b WORKERS=2 STUDY=… ARGS="--storage postgresql://…"
+	$(PY) -m research.search $(if $(CONFIG),,--config $(TOY_CONFIG)) $(FLAGS) $(if $(TRIALS),--n-trials $(TRIALS)) \
+		$(if $(SAMPLER),--search-sampler $(SAMPLER)) $(if $(OBJECTIVES),--objectives $(OBJECTIVES)) \
+		$(if $(WORKERS),--workers $(WORKERS)) $(if $(STUDY),--study-name $(STUDY))
 
 blend: setup ## Experiment IV, blend two LoRA runs: A=runs/exp1/<a> B=runs/exp1/<b> [WEIGHTS=0,0.5,1] [EXPORT=0.5]
 	$(PY) -m research.blend --adapter-a $(A) --adapter-b $(B) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(EXPORT),--export-weight $(EXPORT)) $(ARGS)

@@ -48,6 +48,7 @@ class TrainConfig:
     center_crop: bool = True  # center crop after resizing; false = random crop (disables latent caching)
     random_flip: bool = True  # horizontal flip augmentation (cached latents keep both flips)
     holdout_fraction: float = 0.2  # images held out of training as evaluation references
+    heldout_split: str = "all"  # references evaluation uses: all | selection | reporting (alternate halves of the held-out images, so a search selects on one and reports on the other)
     # ── base model ────────────────────────────────────────────────────────────────────────────
     base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id, diffusers folder, .safetensors, or "embedded"
     mixed_precision: str = "auto"  # auto = bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU
@@ -97,6 +98,7 @@ class TrainConfig:
     num_eval_images: int = 64  # images per arm (adapter and baseline): prompts x seeds
     validation_steps: int = 0  # log validation images to MLflow every N steps; 0 = only at the end
     sample_batch_size: int = 8  # images per pipeline call
+    eval_seed_offset: int = 0  # added to --seed for the evaluation images; a search re-scores its best trial on fresh seeds
     # ── evaluation ────────────────────────────────────────────────────────────────────────────
     metrics: str = "clip_score,style_similarity,fid,kid,inception_score,lpips_diversity"  # computed at the end of training; "none" = skip
     clip_model: str = "openai/clip-vit-base-patch32"  # CLIP for clip_score/style_similarity: hub id or folder
@@ -165,7 +167,7 @@ class TrainConfig:
                 raise ConfigError(f"--{_flag(name)} must be a positive number, got {getattr(self, name)}.")
         not_negative = ["checkpointing_steps", "lr_warmup_steps", "lr_num_cycles", "validation_steps",
                         "snr_gamma", "noise_offset", "max_grad_norm", "adam_weight_decay", "guidance_scale",
-                        "num_class_images", "prior_loss_weight"]
+                        "num_class_images", "prior_loss_weight", "eval_seed_offset"]
         for name in not_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{_flag(name)} must not be negative (0 turns it off), got {getattr(self, name)}.")
@@ -182,7 +184,7 @@ class TrainConfig:
         schedulers = [s.value for s in SchedulerType if s.value != "piecewise_constant"]
         choices = {"mixed_precision": ["auto", "no", "fp16", "bf16"], "prediction_type": ["", "epsilon", "v_prediction"],
                    "sampler": ["dpm++", "ddim", "euler", "default"], "lr_scheduler": schedulers,
-                   "feature_extractor": ["inception", "clip"]}
+                   "feature_extractor": ["inception", "clip"], "heldout_split": ["all", "selection", "reporting"]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 shown = ", ".join(a for a in allowed if a)

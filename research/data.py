@@ -8,6 +8,7 @@ A style folder is read, never written. Layout (captions and prompts optional)::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import stat
@@ -190,10 +191,22 @@ def load_style_folder(style_dir: str | Path, *, style_name: str = "", resolution
 
 def style_folder_for(cfg) -> StyleFolder:
     """The style folder exactly as a run config reads it (same captions, same held-out split)."""
-    return load_style_folder(cfg.style_dir, style_name=cfg.style_name, resolution=cfg.resolution,
-                             caption_template=cfg.caption_template, trigger_word=cfg.trigger_word,
-                             holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
-                             validation_prompts_file=cfg.validation_prompts_file)
+    folder = load_style_folder(cfg.style_dir, style_name=cfg.style_name, resolution=cfg.resolution,
+                               caption_template=cfg.caption_template, trigger_word=cfg.trigger_word,
+                               holdout_fraction=cfg.holdout_fraction, seed=cfg.seed,
+                               validation_prompts_file=cfg.validation_prompts_file)
+    return dataclasses.replace(folder, heldout=reference_split(folder.heldout, cfg.heldout_split))
+
+
+def reference_split(heldout: list[Example], part: str) -> list[Example]:
+    """Alternate held-out images (in file order): a search selects on "selection" and reports on "reporting",
+    so the reported number is not the one the selection was optimistic about."""
+    if part == "all":
+        return heldout
+    if len(heldout) < 4:
+        raise DataError(f"Splitting the held-out images into selection and reporting halves needs at least 4, "
+                        f"got {len(heldout)}; raise --holdout-fraction or add images.")
+    return heldout[0::2] if part == "selection" else heldout[1::2]
 
 
 def preprocess(image: Image.Image, resolution: int, *, center_crop: bool = True, flip: bool = False,

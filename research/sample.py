@@ -124,7 +124,7 @@ def sample_run(run_dir: Path, cfg, method, *, prompts: list[str], base_pipe) -> 
     """Baseline images first (pristine base), then the saved adapter loaded the way users load it."""
     from research.models import make_sampler
 
-    jobs = plan_jobs(prompts, cfg.num_eval_images, cfg.seed)
+    jobs = plan_jobs(prompts, cfg.num_eval_images, cfg.seed + cfg.eval_seed_offset)
     pipe = make_sampler(base_pipe, cfg.sampler)  # the base model as it is, with its own prediction type
     pipe.set_progress_bar_config(disable=True)
     common = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,

@@ -1,56 +1,82 @@
 """Experiment II: search LoRA rank, training steps and learning rate with Optuna.
 
-    python -m research.search --style-dir data/ghibli --n-trials 20
-    python -m research.search --config research/configs/toy.json --n-trials 8 \
-        --rank-choices 2,4,8 --steps-range 50,400 --lr-range 1e-4,3e-3      # the toy world, on a CPU
-    python -m research.search --config research/configs/toy.json --n-trials 8   # again: resumes, adds 8
+    python -m research.search --config research/configs/toy.json --n-trials 12          # TPE (seeded), pruning
+    python -m research.search --config research/configs/toy.json --search-sampler grid  # the original 4 x 4 x 2 grid
+    python -m research.search --config research/configs/toy.json \
+        --objectives adapter.style_similarity,adapter.clip_score                         # NSGA-II, Pareto front
+    python -m research.search --config research/configs/toy.json --workers 2            # two processes, one study
+    python -m research.search --storage postgresql://user:pw@db/optuna --study-name ghibli-v1 \
+        --n-trials 8 --finalize false                                                    # on each of many machines
 
-Every trial is one ordinary training run (research.train.run): its own run folder under
-runs/exp2/, and one MLflow run in experiment exp2 with its params, metrics and adapter, tagged
-with study_name and trial_number. The objective is read from the trial's metrics.json
-(``adapter.style_similarity``, ``adapter.fid``, ``adapter.oracle_style_accuracy``, ``cost.train_seconds``...).
+Each parameter means one thing: rank is categorical, steps and learning rate are log-scaled, and
+LoRA alpha follows rank (alpha = rank x --lora-alpha-ratio), so a larger rank does not secretly
+raise the learning rate. The ratio itself is searched when --lora-alpha-ratio lists several values.
 
-The study lives in an Optuna RDB storage (default sqlite:///optuna.db in the repository root), so
-running the command again with the same --study-name resumes it. Many machines can work on one
-study at once: give them all the same --storage postgresql://... and MLFLOW_TRACKING_URI, and each
-its own --sampler-seed. A trial that fails (an exception, NaN loss) is FAILED in Optuna and in
-MLflow and the study goes on; input errors that would fail every trial stop it.
+Honest selection: every trial is evaluated on the *selection* half of the held-out images
+(--heldout-split selection); when the study ends the best trial (every Pareto trial with several
+objectives) is re-scored on the *reporting* half with fresh seeds, and both numbers are printed and
+logged to the study's parent MLflow run.
+
+Records: the study is one parent MLflow run; each trial is a child run (research.train.run) with its
+params, trial number, intermediate and final metrics, adapter and sample strips. A pruned trial keeps
+its run as KILLED with its partial metrics; a failed one is FAILED and the study goes on.
+
+Storage: by default a JournalStorage file (optuna.journal in the repository root), safe for several
+processes on one machine (SQLite is not). For many machines pass any RDB URL (PostgreSQL) and one
+MLFLOW_TRACKING_URI; a trial whose worker dies is marked failed by heartbeat and retried.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
+import subprocess
 import sys
+import time
+import zlib
 from pathlib import Path
 
-from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args
+from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, parse_bool
 from research.data import DataError
 from research.models import ModelNotFoundError
-from research.tracking import REPO_ROOT, flatten_metrics, new_run_dir, setup_logging, tracking_uri
+from research.tracking import REPO_ROOT, flatten_metrics, new_run_dir, setup_logging
+from research.train import StopTraining
 
 log = logging.getLogger("research")
 
-DEFAULT_STORAGE = f"sqlite:///{REPO_ROOT / 'optuna.db'}"  # git-ignored; a PostgreSQL URL for many workers
+DEFAULT_STORAGE = str(REPO_ROOT / "optuna.journal")  # git-ignored; a PostgreSQL URL for many machines
 DEFAULT_EXPERIMENT = "exp2"
+DEFAULT_TRIALS = 20  # when --n-trials is not given and the sampler is not a grid
+# The original study's grid (rank x steps x learning rate), used by --search-sampler grid.
+ORIGINAL_GRID = {"rank": "16,32,64,128", "max_train_steps": "500,1000,1500,2000", "learning_rate": "1e-4,5e-4"}
 # Metrics where lower is better; everything else (similarities, accuracies, IS) is maximised.
 LOWER_IS_BETTER = ("fid", "kid", "lpips_distance", "train_seconds", "peak_memory_mb", "artifact_bytes",
                    "trainable_params")
+IMAGE_ARMS = ("adapter", "delta")  # objective arms an intermediate adapter-only score can stand in for
 # Errors that would fail every trial the same way: they end the study instead of failing one trial.
 STOP_ERRORS = (ConfigError, DataError, ModelNotFoundError)
+SAMPLERS = ("auto", "tpe", "random", "grid", "nsga2")
+PRUNERS = ("median", "hyperband", "none")
+MEDIAN_STARTUP_TRIALS = 3  # the median pruner waits for this many finished trials before it prunes
+NSGA_POPULATION = 8  # NSGA-II generation size: small, since a toy study has tens of trials, not hundreds
 
 
 class ObjectiveError(ConfigError):
     """The objective names a value the runs do not produce; the message lists the ones they do."""
 
 
+class Pruned(StopTraining):
+    """The pruning hook stops a trial's training: its run ends KILLED and the trial PRUNED."""
+
+
 # ─── the search space ───────────────────────────────────────────────────────────────────────
 def _numbers(text: str, kind, flag: str, count: int | None = None) -> list:
     try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}.") from None
     if not values or (count is not None and len(values) != count) or any(v <= 0 for v in values):
@@ -58,91 +84,174 @@ def _numbers(text: str, kind, flag: str, count: int | None = None) -> list:
         raise ConfigError(f"{flag} must be {what}, got {text!r}.")
     if count == 2 and values[0] > values[1]:
         raise ConfigError(f"{flag} must be low,high with low <= high, got {text!r}.")
+    if count is None and len(set(values)) != len(values):
+        raise ConfigError(f"{flag} lists a value twice: {text!r}.")
     return values
 
 
-def search_space(args: argparse.Namespace) -> dict:
-    return {"rank": _numbers(args.rank_choices, int, "--rank-choices"),
-            "max_train_steps": _numbers(args.steps_range, int, "--steps-range", 2),
-            "learning_rate": _numbers(args.lr_range, float, "--lr-range", 2)}
+def search_space(args: argparse.Namespace, sampler: str, method: str) -> dict:
+    """name -> list (categorical: every value is tried as is) or (low, high) tuple (log-scaled range)."""
+    if sampler == "grid":
+        space = {"rank": _numbers(args.grid_ranks, int, "--grid-ranks"),
+                 "max_train_steps": _numbers(args.grid_steps, int, "--grid-steps"),
+                 "learning_rate": _numbers(args.grid_lrs, float, "--grid-lrs")}
+    else:
+        space = {"rank": _numbers(args.rank_choices, int, "--rank-choices"),
+                 "max_train_steps": tuple(_numbers(args.steps_range, int, "--steps-range", 2)),
+                 "learning_rate": tuple(_numbers(args.lr_range, float, "--lr-range", 2))}
+    space["lora_alpha_ratio"] = _numbers(args.lora_alpha_ratio, float, "--lora-alpha-ratio")
+    if method != "lora":  # only LoRA has a rank and an alpha; steps and learning rate are searched for every method
+        space.pop("rank"), space.pop("lora_alpha_ratio")
+    return space
 
 
 def suggest(trial, space: dict) -> dict:
-    """Rank is categorical (powers of two, not a continuum); steps and learning rate are log-scaled."""
-    params = {"rank": trial.suggest_categorical("rank", space["rank"])} if "rank" in space else {}
-    params["max_train_steps"] = trial.suggest_int("max_train_steps", *space["max_train_steps"], log=True)
-    params["learning_rate"] = trial.suggest_float("learning_rate", *space["learning_rate"], log=True)
+    """Training params for one trial; a one-value list is fixed, not searched (it still reaches the run)."""
+    params = {}
+    for name, domain in space.items():
+        if isinstance(domain, list) and len(domain) == 1:
+            params[name] = domain[0]
+        elif isinstance(domain, list):
+            params[name] = trial.suggest_categorical(name, domain)
+        elif isinstance(domain[0], int):
+            params[name] = trial.suggest_int(name, *domain, log=True)
+        else:
+            params[name] = trial.suggest_float(name, *domain, log=True)
+    ratio = params.pop("lora_alpha_ratio", None)
+    if ratio is not None:
+        params["lora_alpha"] = params["rank"] * ratio  # alpha follows rank: the LoRA scale alpha/r stays ratio
+        trial.set_user_attr("lora_alpha_ratio", ratio)
     return params
 
 
-# ─── the objective ──────────────────────────────────────────────────────────────────────────
-def resolve_direction(objective: str, direction: str) -> str:
-    if direction != "auto":
-        return direction
-    return "minimize" if objective.rsplit(".", 1)[-1] in LOWER_IS_BETTER else "maximize"
+def grid_of(space: dict) -> dict:
+    """The GridSampler's grid: every searched (several-valued) categorical dimension."""
+    return {k: v for k, v in space.items() if isinstance(v, list) and len(v) > 1}
 
 
-def check_objective(cfg: TrainConfig, objective: str) -> None:
-    """Fail before any training when the objective names a metric the runs will not compute."""
+# ─── objectives ─────────────────────────────────────────────────────────────────────────────
+def resolve_directions(objectives: list[str], direction: str) -> list[str]:
+    given = [d.strip() for d in direction.split(",")]
+    if given == ["auto"]:
+        given = ["auto"] * len(objectives)
+    if len(given) != len(objectives) or any(d not in ("auto", "maximize", "minimize") for d in given):
+        raise ConfigError(f"--direction must be auto or one of maximize/minimize per objective "
+                          f"({len(objectives)}), got {direction!r}.")
+    return [d if d != "auto" else ("minimize" if o.rsplit(".", 1)[-1] in LOWER_IS_BETTER else "maximize")
+            for o, d in zip(objectives, given)]
+
+
+def check_objectives(cfg: TrainConfig, objectives: list[str]) -> None:
+    """Fail before any training when an objective names a metric the runs will not compute."""
     from research.evaluate import metric_names
 
-    arm, _, name = objective.partition(".")
-    if arm in ("adapter", "baseline") and name not in metric_names(cfg):
-        raise ObjectiveError(f"--objective {objective} needs {name!r} in --metrics (now {cfg.metrics!r}); "
-                             f"add it to --metrics or pick one of {', '.join(f'adapter.{m}' for m in metric_names(cfg)) or 'cost.train_seconds'}.")
+    names = metric_names(cfg)
+    for objective in objectives:
+        arm, _, name = objective.partition(".")
+        if arm in ("adapter", "baseline", "delta") and name not in names:
+            raise ObjectiveError(f"--objectives {objective} needs {name!r} in --metrics (now {cfg.metrics!r}); add it "
+                                 f"to --metrics or pick one of {', '.join(f'adapter.{m}' for m in names) or 'cost.train_seconds'}.")
 
 
 def objective_value(metrics: dict, objective: str, source: str = "metrics.json") -> float:
     """The objective from a run's metrics.json, by its flattened MLflow key (adapter.fid -> mean)."""
     flat = flatten_metrics(metrics)
     if objective not in flat:
-        raise ObjectiveError(f"Objective {objective!r} is not in {source}; pass --objective with one of: "
+        raise ObjectiveError(f"Objective {objective!r} is not in {source}; pass --objectives with one of: "
                              f"{', '.join(sorted(flat)) or '(none: the run computed no metric)'}.")
     return flat[objective]
 
 
-def _safe_storage(storage: str) -> str:
-    """The storage URL without its password, for tags and summaries."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(storage).render_as_string(hide_password=True)
-    except Exception:
-        return storage.split("@")[-1]
+def prune_metric(objectives: list[str], pruner: str) -> str | None:
+    """The image metric scored at checkpoints, or None when pruning cannot apply (several objectives, a cost)."""
+    if pruner == "none" or len(objectives) != 1:
+        return None
+    arm, _, name = objectives[0].partition(".")
+    return name if arm in IMAGE_ARMS else None
 
 
+# ─── pruning: a cheap score at checkpoints ──────────────────────────────────────────────────
+def intermediate_score(cfg: TrainConfig, images: list, jobs: list, references: list, metric: str, device) -> float:
+    """The objective's metric for a handful of mid-training adapter images vs the selection references."""
+    from research.evaluate import evaluate_samples
+
+    scored = evaluate_samples(dataclasses.replace(cfg, metrics=metric),
+                              {"jobs": jobs, "adapter": images, "baseline": None}, references, device)
+    return float(scored.get("adapter", {}).get(metric, {}).get("mean", float("nan")))
+
+
+class PruningHook:
+    """Every `every` steps: sample `n_images` with the adapter in place, report the score, maybe stop."""
+
+    def __init__(self, trial, cfg: TrainConfig, metric: str, every: int, n_images: int):
+        from research.data import style_folder_for
+        from research.sample import plan_jobs
+
+        self.trial, self.cfg, self.metric, self.every = trial, cfg, metric, every
+        data = style_folder_for(cfg)  # cfg.heldout_split is "selection": the same references as the objective
+        self.references = [e.image for e in data.heldout]
+        self.jobs = plan_jobs(data.validation_prompts, n_images, cfg.seed + cfg.eval_seed_offset)
+
+    def on_step(self, info, c) -> None:
+        if info.step % self.every or info.step >= self.cfg.max_train_steps:  # the last step gets the full evaluation
+            return
+        import mlflow
+
+        from research.train import sample_in_training
+
+        images = sample_in_training(self.cfg, c, self.jobs, "intermediate")
+        value = intermediate_score(self.cfg, images, self.jobs, self.references, self.metric, c.unet.device)
+        if mlflow.active_run():
+            mlflow.log_metric(f"intermediate.{self.metric}", value, step=info.step)
+        self.trial.report(value, info.step)
+        if math.isfinite(value) and self.trial.should_prune():
+            raise Pruned(f"trial {self.trial.number} pruned at step {info.step}: intermediate {self.metric} {value:.4f}")
+
+    def on_checkpoint(self, step, path) -> None:
+        pass
+
+    def on_end(self, result) -> None:
+        pass
+
+
+# ─── one trial ──────────────────────────────────────────────────────────────────────────────
 class TrialRunner:
-    """The Optuna objective: one trial = one research.train run, tagged with the study and trial number."""
+    """The Optuna objective: one trial = one research.train run, a child of the study's parent MLflow run."""
 
-    def __init__(self, cfg: TrainConfig, study_name: str, objective: str, direction: str, space: dict,
-                 parent_run_id: str | None = None):
-        self.cfg, self.study_name, self.objective, self.direction = cfg, study_name, objective, direction
-        self.space, self.parent_run_id = space, parent_run_id
+    def __init__(self, cfg: TrainConfig, study_name: str, objectives: list[str], space: dict, parent_run_id: str,
+                 prune: tuple[str, int, int] | None = None):
+        self.cfg, self.study_name, self.objectives, self.space = cfg, study_name, objectives, space
+        self.parent_run_id, self.prune = parent_run_id, prune
         self.stop_error: Exception | None = None
 
-    def __call__(self, trial) -> float:
-        import dataclasses
+    def __call__(self, trial):
+        import optuna
 
+        from research.search_records import worker_name
         from research.train import run
 
         params = suggest(trial, self.space)
         run_name = f"{self.study_name}_t{trial.number:03d}"
-        cfg = dataclasses.replace(self.cfg, **params, run_name=run_name, run_dir="", resume_from_checkpoint="")
+        cfg = dataclasses.replace(self.cfg, **params, run_name=run_name, run_dir="", resume_from_checkpoint="",
+                                  heldout_split="selection", eval_seed_offset=0)
         run_dir = new_run_dir(cfg.output_dir, cfg.experiment, run_name)
         cfg.run_dir = str(run_dir)  # known before training, so a failed trial still points at its folder
         cfg.validate()
         trial.set_user_attr("run_dir", str(run_dir))
-        tags = {"study_name": self.study_name, "trial_number": str(trial.number), "objective": self.objective,
-                "direction": self.direction}
-        if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id  # nested under the `mlflow run -e search` run
+        trial.set_user_attr("worker", worker_name())
+        tags = {"study_name": self.study_name, "trial_number": str(trial.number),
+                "objective": ",".join(self.objectives), "mlflow.parentRunId": self.parent_run_id}
         log.info("trial %d: %s -> %s", trial.number, params, run_dir)
         try:
-            run(cfg, tags=tags)  # research.train marks its MLflow run FAILED when anything raises
-            value = objective_value(json.loads((run_dir / "metrics.json").read_text()), self.objective,
-                                    str(run_dir / "metrics.json"))
+            hooks = [PruningHook(trial, cfg, *self.prune)] if self.prune else []
+            run(cfg, tags=tags, hooks=hooks)
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            values = [objective_value(metrics, o, str(run_dir / "metrics.json")) for o in self.objectives]
+        except Pruned as err:
+            self._finish_mlflow_run(trial, run_dir, "PRUNED")
+            raise optuna.TrialPruned(str(err)) from None
         except Exception as err:  # KeyboardInterrupt is not an Exception: Ctrl-C still stops the study
-            self._finish_mlflow_run(trial, run_dir, failed=True)
+            self._finish_mlflow_run(trial, run_dir, "FAIL")
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
             if isinstance(err, STOP_ERRORS):
                 self.stop_error = err  # every further trial would fail the same way: end the study
@@ -153,99 +262,189 @@ class TrialRunner:
             # Optuna records a NaN objective as a FAILED trial and goes on; raising would do the same
             # but print a traceback for what is often just a diverged learning rate (the full one is in
             # the trial's logs.txt).
-            return float("nan")
-        if not math.isfinite(value):
-            trial.set_user_attr("error", f"objective {self.objective} is {value}")
-        self._finish_mlflow_run(trial, run_dir, failed=not math.isfinite(value), value=value)
-        return value
+            return float("nan") if len(self.objectives) == 1 else [float("nan")] * len(self.objectives)
+        finite = all(math.isfinite(v) for v in values)
+        if not finite:
+            trial.set_user_attr("error", f"objective {self.objectives} is {values}")
+        self._finish_mlflow_run(trial, run_dir, "COMPLETE" if finite else "FAIL", values)
+        return values[0] if len(values) == 1 else values
 
-    def _finish_mlflow_run(self, trial, run_dir: Path, failed: bool, value: float | None = None) -> None:
-        """Link the trial to its MLflow run; a trial without a usable objective is a FAILED run too."""
-        import mlflow
+    def _finish_mlflow_run(self, trial, run_dir: Path, state: str, values: list[float] | None = None) -> None:
+        """Link the trial and its MLflow run both ways; a trial without a usable objective is a FAILED run."""
+        from research.search_records import mlflow_run_for_dir
 
-        mlflow.set_tracking_uri(tracking_uri())
-        found = mlflow.search_runs(experiment_names=[self.cfg.experiment], output_format="list",
-                                   filter_string=f"tags.run_dir = '{run_dir}'")
-        if not found:  # failed before research.train opened a run
+        client, run_id = mlflow_run_for_dir(self.cfg.experiment, run_dir)
+        if run_id is None:  # failed before research.train opened a run
             return
-        run_id = found[0].info.run_id
         trial.set_user_attr("mlflow_run_id", run_id)
-        client = mlflow.MlflowClient()
-        if failed:
+        client.log_param(run_id, "trial_number", trial.number)
+        if "lora_alpha_ratio" in trial.user_attrs:
+            client.log_param(run_id, "lora_alpha_ratio", trial.user_attrs["lora_alpha_ratio"])
+        client.set_tag(run_id, "trial_state", state)
+        if state == "FAIL":
             client.set_terminated(run_id, "FAILED")
-        else:
-            client.log_metric(run_id, "objective", value)
+        for objective, value in zip(self.objectives, values or []):
+            client.log_metric(run_id, "objective" if len(self.objectives) == 1 else f"objective.{objective}", value)
+
+
+# ─── storage, samplers, pruners ─────────────────────────────────────────────────────────────
+def open_storage(url: str, heartbeat: int, experiment: str):
+    """A file path -> JournalStorage (several processes, one machine); a URL -> RDBStorage with heartbeat."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if "://" not in url:
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(url))
+    from research.search_records import retry_stale_trial
+
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat or None,
+                                          heartbeat_stale_trial_callback=(
+                                              retry_stale_trial(experiment) if heartbeat else None))
+    except ImportError as err:  # e.g. postgresql:// without its driver
+        raise ConfigError(f"Storage {_safe_storage(url)} needs a database driver ({err.name or err}); "
+                          "install it, e.g. pip install psycopg2-binary for PostgreSQL.") from None
+
+
+def _safe_storage(storage: str) -> str:
+    """The storage URL without its password, for tags and summaries."""
+    if "://" not in storage:
+        return storage
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:
+        return storage.split("@")[-1]
+
+
+def make_sampler(name: str, space: dict, seed: int):
+    import optuna
+
+    if name == "grid":
+        return optuna.samplers.GridSampler(grid_of(space), seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=NSGA_POPULATION, seed=seed)
+    # constant_liar: parallel workers see each other's running trials, so they do not all try TPE's favourite
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def make_pruner(name: str, every: int, max_steps: int):
+    import optuna
+
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=max(max_steps, every))
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP_TRIALS, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def worker_seed(sampler_seed: int, seed: int, n_existing: int) -> int:
+    """--sampler-seed N: N plus the trials already in the study (a resume explores on, reproducibly).
+    -1: --seed mixed with this host and process, so parallel workers never draw the same points; the seed
+    used is logged, so a run can be repeated with --sampler-seed."""
+    if sampler_seed >= 0:
+        return sampler_seed + n_existing
+    return zlib.crc32(f"{seed}:{os.uname().nodename}:{os.getpid()}:{n_existing}".encode()) % (2**31)
 
 
 # ─── the study ──────────────────────────────────────────────────────────────────────────────
-def open_study(storage: str, study_name: str, direction: str, objective: str, seed: int):
+def open_study(storage, study_name: str, directions: list[str], settings: dict, cfg: TrainConfig):
+    """Create or load the study; whoever creates it also creates its parent MLflow run (one per study,
+    however many workers start at once: Optuna refuses a second study of the same name)."""
     import optuna
 
-    study = optuna.create_study(study_name=study_name, storage=storage, direction=direction, load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=seed))
-    known = study.user_attrs.get("objective")
-    if known is None:
-        study.set_user_attr("objective", objective)
-    elif known != objective or study.direction.name.lower() != direction:
-        raise ConfigError(f"Study {study_name!r} in the storage searches {study.direction.name.lower()} {known}, "
-                          f"not {direction} {objective}; pass a new --study-name or the study's own --objective.")
-    # A fixed seed would redraw the same first trials on resume; offset it by the trials already there
-    # so a resumed study explores on, reproducibly given the storage's state. constant_liar keeps
-    # parallel workers from all trying the point TPE likes best.
-    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), constant_liar=True)
+    from research.search_records import create_parent_run, wait_for_parent
+
+    try:
+        study = optuna.create_study(study_name=study_name, storage=storage, directions=directions)
+        for key, value in settings.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr("mlflow_parent_run_id", create_parent_run(cfg, study_name, settings))
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        wait_for_parent(study, cfg, settings)
+    known = {k: study.user_attrs.get(k) for k in settings}
+    if known != settings or [d.name.lower() for d in study.directions] != directions:
+        differs = ", ".join(f"{k} {known[k]!r} (not {settings[k]!r})" for k in settings if known[k] != settings[k])
+        raise ConfigError(f"Study {study_name!r} in the storage was made with {differs or 'other directions'}; "
+                          "pass a new --study-name, or the study's own settings to resume it.")
     return study
 
 
-def summarize_study(study, objective: str, storage: str) -> dict:
-    def trial_row(t):
-        return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                "run_dir": t.user_attrs.get("run_dir"), "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
-                **({"error": t.user_attrs["error"]} if "error" in t.user_attrs else {})}
+def search(cfg: TrainConfig, opts: argparse.Namespace) -> dict:
+    """Run this worker's trials (or, with --workers K, K worker processes), then finalize the study."""
+    import optuna
 
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    counts = {}
-    for t in study.trials:
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return {"study_name": study.study_name, "storage": _safe_storage(storage), "objective": objective,
-            "direction": study.direction.name.lower(), "n_trials": len(study.trials), "states": counts,
-            "best": trial_row(study.best_trial) if complete else None,
-            "trials": [trial_row(t) for t in study.trials]}
+    from research.search_records import finalize
 
-
-def search(cfg: TrainConfig, *, n_trials: int, objective: str, direction: str, storage: str, study_name: str,
-           space: dict, sampler_seed: int) -> tuple[dict, Path]:
-    """Run n_trials more trials of the study and write runs/<experiment>/<study>_summary.json."""
-    from research.atomic import write_json
-
-    check_objective(cfg, objective)
     if not Path(cfg.style_dir).is_dir():
         raise DataError(f"Style folder {cfg.style_dir} does not exist; pass a folder of images with --style-dir.")
-    direction = resolve_direction(objective, direction)
-    study = open_study(storage, study_name, direction, objective, sampler_seed)
-    # under `mlflow run -e search` the run MLflow opened is the parent of the trials' runs
-    parent = os.environ.pop("MLFLOW_RUN_ID", None)
+    storage = open_storage(opts.storage, opts.heartbeat_interval, cfg.experiment)
+    settings = {"objectives": ",".join(opts.objectives), "search_sampler": opts.search_sampler,
+                "space": json.dumps(opts.space)}
+    study = open_study(storage, opts.study_name, opts.directions, settings, cfg)
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    target = opts.total_trials or (len(study.get_trials(states=finished)) + opts.n_trials if opts.n_trials else 0)
+    if opts.workers > 1:
+        run_workers(opts, target)
+    elif opts.n_trials != 0:
+        run_trials(study, cfg, opts, target)
+    if not opts.finalize:
+        return {"study_name": opts.study_name, "finalized": False}
+    return finalize(optuna.load_study(study_name=opts.study_name, storage=storage), cfg, opts)
+
+
+def run_trials(study, cfg: TrainConfig, opts: argparse.Namespace, target: int) -> None:
+    import optuna
+
+    from research.search_records import tag_worker
+
+    seed = worker_seed(opts.sampler_seed, cfg.seed, len(study.trials))
+    study.sampler = make_sampler(opts.search_sampler, opts.space, seed)
+    metric = prune_metric(opts.objectives, opts.pruner) if opts.report_every else None
+    max_steps = max(opts.space["max_train_steps"])
+    study.pruner = make_pruner(opts.pruner if metric else "none", opts.report_every, max_steps)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    tag_worker(parent, seed, opts.threads)
+    prune = (metric, opts.report_every, opts.prune_images) if metric else None
+    runner = TrialRunner(cfg, opts.study_name, opts.objectives, opts.space, parent, prune)
+    callbacks = []
+    if target:  # shared by all workers: stop once the study holds `target` finished trials
+        callbacks.append(optuna.study.MaxTrialsCallback(
+            target, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))
+    n = opts.n_trials  # None: until the grid is exhausted (GridSampler stops the study)
+    # under `mlflow run -e search` MLflow's own run must not swallow the trials' runs
+    outer = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        runner = TrialRunner(cfg, study_name, objective, direction, space, parent)
-        study.optimize(runner, n_trials=n_trials, gc_after_trial=True)
+        study.optimize(runner, n_trials=n, callbacks=callbacks, gc_after_trial=True)
     finally:
-        if parent:
-            os.environ["MLFLOW_RUN_ID"] = parent
+        if outer:
+            os.environ["MLFLOW_RUN_ID"] = outer
     if runner.stop_error is not None:
         raise runner.stop_error
-    summary = summarize_study(study, objective, storage)
-    path = Path(cfg.output_dir) / cfg.experiment / f"{study_name}_summary.json"
-    write_json(path, summary)
-    if parent:
-        import mlflow
 
-        # the client, not mlflow.start_run: the parent lives in `mlflow run`'s experiment, not exp2
-        client = mlflow.MlflowClient(tracking_uri())
-        client.set_tag(parent, "study_name", study_name)
-        client.set_tag(parent, "objective", objective)
-        if summary["best"]:
-            client.log_metric(parent, "best_objective", summary["best"]["value"])
-        client.log_artifact(parent, str(path))
-    return summary, path
+
+def run_workers(opts: argparse.Namespace, target: int) -> None:
+    """K copies of this command on this machine, each with its share of the cores and its own sampler seed."""
+    threads = max(1, (opts.threads or len(os.sched_getaffinity(0))) // opts.workers)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # this process's, not theirs
+        env.pop(leaked, None)
+    procs = []
+    for i in range(opts.workers):
+        seed = [] if opts.sampler_seed < 0 else ["--sampler-seed", str(opts.sampler_seed + 1000 * (i + 1))]
+        argv = [sys.executable, "-m", "research.search", *opts.argv, "--workers", "1", "--threads", str(threads),
+                "--finalize", "false", "--study-name", opts.study_name, "--storage", opts.storage,
+                "--total-trials", str(target), *seed]
+        procs.append(subprocess.Popen(argv, env=env, cwd=os.getcwd()))
+        time.sleep(0.5)  # stagger the starts: the journal file lock is polite, not fast
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        log.error("worker exit codes: %s (their trials are in the study; read the failed runs' logs.txt)", codes)
 
 
 # ─── command line ───────────────────────────────────────────────────────────────────────────
@@ -253,63 +452,114 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m research.search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     s = parser.add_argument_group("search")
-    s.add_argument("--n-trials", "--n_trials", dest="n_trials", type=int, default=20,
-                   help="trials to add in this invocation (a resumed study keeps its earlier ones)")
-    s.add_argument("--objective", default="adapter.style_similarity",
-                   help="metrics.json key to optimise, flattened: adapter.<metric>, baseline.<metric>, cost.<field>")
-    s.add_argument("--direction", default="auto", choices=["auto", "maximize", "minimize"],
-                   help="auto = minimize fid/kid/cost, maximize everything else")
-    s.add_argument("--storage", default="",
-                   help="Optuna RDB storage; empty = sqlite:///optuna.db in the repository root; "
-                        "postgresql://user:pass@host/db lets many machines share one study")
-    s.add_argument("--study-name", "--study_name", dest="study_name", default="",
-                   help="study to create or resume (default <style>_<method>)")
-    s.add_argument("--sampler-seed", "--sampler_seed", dest="sampler_seed", type=int, default=-1,
-                   help="TPE sampler seed; -1 = --seed; give each parallel worker its own")
-    s.add_argument("--rank-choices", "--rank_choices", dest="rank_choices", default="4,8,16,32,64",
-                   help="LoRA ranks to try (categorical)")
-    s.add_argument("--steps-range", "--steps_range", dest="steps_range", default="250,2000",
-                   help="low,high optimizer steps (log scale)")
-    s.add_argument("--lr-range", "--lr_range", dest="lr_range", default="1e-5,1e-3",
-                   help="low,high learning rate (log scale)")
+
+    def flag(name: str, **kw):
+        s.add_argument(f"--{name.replace('_', '-')}", *([f"--{name}"] if "_" in name else []), dest=name, **kw)
+
+    flag("n_trials", type=int, default=-1, help="trials this command adds (between its --workers); -1 = 20, or "
+         "the rest of the grid with --search-sampler grid; 0 = none, only summarise and re-score")
+    flag("total_trials", type=int, default=0, help="stop every worker once the study holds this many finished "
+         "(complete or pruned) trials; 0 = no such target")
+    flag("objectives", type=str, default="adapter.style_similarity", help="comma-separated metrics.json keys "
+         "to optimise, flattened: adapter.<metric>, delta.<metric>, cost.<field>; several = multi-objective")
+    s.add_argument("--objective", dest="objectives", help="alias of --objectives")
+    flag("direction", type=str, default="auto", help="auto (minimise fid/kid/cost, maximise the rest) or "
+         "maximize/minimize, one per objective")
+    flag("search_sampler", type=str, default="auto", choices=SAMPLERS,
+         help="auto = tpe for one objective, nsga2 for several; grid = every point of --grid-*")
+    flag("sampler_seed", type=int, default=-1, help="sampler seed (plus the trials already in the study); "
+         "-1 = derived from --seed, this host and process, so parallel workers differ (the seed used is logged)")
+    flag("rank_choices", type=str, default="4,8,16,32,64,128", help="LoRA ranks to try (categorical)")
+    flag("steps_range", type=str, default="250,2000", help="low,high optimizer steps (log scale)")
+    flag("lr_range", type=str, default="1e-5,1e-3", help="low,high learning rate (log scale)")
+    flag("lora_alpha_ratio", type=str, default="1", help="LoRA alpha = rank x this ratio; several values = "
+         "the ratio is searched too (categorical)")
+    flag("grid_ranks", type=str, default=ORIGINAL_GRID["rank"], help="ranks of --search-sampler grid")
+    flag("grid_steps", type=str, default=ORIGINAL_GRID["max_train_steps"], help="steps of --search-sampler grid")
+    flag("grid_lrs", type=str, default=ORIGINAL_GRID["learning_rate"], help="learning rates of --search-sampler grid")
+    flag("pruner", type=str, default="median", choices=PRUNERS, help="stop trials whose intermediate score "
+         "lags (one image-metric objective only)")
+    flag("report_every", type=int, default=250, help="steps between intermediate scores; 0 = no pruning")
+    flag("prune_images", type=int, default=8, help="images per intermediate score (on the selection references)")
+    flag("reporting_seed_offset", type=int, default=100_000, help="added to --seed for the re-scoring of the "
+         "best trial(s): fresh seeds, never seen by the selection")
+    flag("storage", type=str, default="", help="empty = a JournalStorage file optuna.journal (several processes, "
+         "one machine); a file path = a journal there; postgresql://user:pw@host/db = many machines")
+    flag("study_name", type=str, default="", help="study to create or resume (default <style>_<method>_<sampler>)")
+    flag("workers", type=int, default=1, help="worker processes on this machine, sharing its cores")
+    flag("threads", type=int, default=0, help="torch/OpenMP threads of this worker; 0 = the machine's cores "
+         "divided by --workers")
+    flag("heartbeat_interval", type=int, default=60, help="RDB storage: seconds between a trial's heartbeats; "
+         "a trial silent for 2x this is failed and retried; 0 = off")
+    flag("finalize", type=parse_bool, default=True, help="after the trials: summary, re-scoring, the parent "
+         "run's table and figures; false on all but one of many machines (finalize later with --n-trials 0)")
     add_config_arguments(parser)
     parser.set_defaults(experiment=DEFAULT_EXPERIMENT)  # trials go to exp2 unless --experiment says otherwise
     return parser
 
 
+def check_options(opts: argparse.Namespace, cfg: TrainConfig) -> None:
+    """Everything a person could get wrong, refused before a study or a run exists."""
+    if cfg.run_dir or cfg.resume_from_checkpoint:
+        raise ConfigError("--run-dir and --resume-from-checkpoint do not apply to a search; "
+                          "resume a search by running it again with the same --study-name.")
+    if "lora_alpha" in getattr(opts, "_typed", set()):
+        raise ConfigError("--lora-alpha does not apply to a search: alpha follows rank; use --lora-alpha-ratio.")
+    for name in ("workers", "prune_images"):
+        if getattr(opts, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(opts, name)}.")
+    for name in ("total_trials", "report_every", "threads", "heartbeat_interval", "reporting_seed_offset"):
+        if getattr(opts, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(opts, name)}.")
+    if opts.n_trials is not None and opts.n_trials < -1:
+        raise ConfigError(f"--n-trials must be -1 (default), 0 or a positive number, got {opts.n_trials}.")
+    if opts.search_sampler == "grid" and len(opts.objectives) > 1:
+        raise ConfigError("--search-sampler grid takes one objective; drop it for NSGA-II over several.")
+    if opts.workers > 1 and opts.storage.startswith("sqlite"):
+        raise ConfigError("SQLite is not safe for several writers; drop --storage (a journal file) or pass a "
+                          "PostgreSQL URL for --workers > 1.")
+
+
+def resolve_options(args: argparse.Namespace, argv: list[str], cfg: TrainConfig) -> argparse.Namespace:
+    opts = argparse.Namespace(**vars(args))
+    opts.argv = argv
+    opts.objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    if not opts.objectives:
+        raise ConfigError("--objectives must name at least one metrics.json key, e.g. adapter.style_similarity.")
+    if opts.search_sampler == "auto":
+        opts.search_sampler = "nsga2" if len(opts.objectives) > 1 else "tpe"
+    opts.directions = resolve_directions(opts.objectives, args.direction)
+    opts.space = search_space(args, opts.search_sampler, cfg.method)
+    opts.storage = args.storage or DEFAULT_STORAGE
+    opts.storage_label = _safe_storage(opts.storage)  # no password in summaries
+    if args.n_trials == -1:
+        opts.n_trials = None if opts.search_sampler == "grid" else DEFAULT_TRIALS
+    opts.study_name = args.study_name or f"{cfg.resolved_run_name()}_{opts.search_sampler}"
+    check_options(opts, cfg)
+    check_objectives(cfg, opts.objectives)
+    return opts
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        if args.n_trials <= 0:
-            raise ConfigError(f"--n-trials must be a positive number, got {args.n_trials}.")
         cfg = config_from_args(args)
-        if cfg.run_dir or cfg.resume_from_checkpoint:
-            raise ConfigError("--run-dir and --resume-from-checkpoint do not apply to a search; "
-                              "resume a search by running it again with the same --study-name.")
-        space = search_space(args)
-        if cfg.method != "lora":
-            space.pop("rank")  # only LoRA has a rank; steps and learning rate are searched for every method
-        study_name = args.study_name or cfg.resolved_run_name()
-        summary, path = search(cfg, n_trials=args.n_trials, objective=args.objective, direction=args.direction,
-                               storage=args.storage or DEFAULT_STORAGE, study_name=study_name, space=space,
-                               sampler_seed=cfg.seed if args.sampler_seed < 0 else args.sampler_seed)
+        opts = resolve_options(args, argv, cfg)
+        if opts.threads and opts.workers == 1:
+            import torch
+
+            torch.set_num_threads(opts.threads)  # this worker's share of the machine's cores
+        summary = search(cfg, opts)
     except STOP_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    best = summary["best"]
-    states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(summary["states"].items()))
-    print(f"\nStudy {summary['study_name']}: {summary['n_trials']} trials ({states}), "
-          f"{summary['direction']} {summary['objective']}.")
-    if best is None:
-        print(f"error: no trial of study {summary['study_name']} completed; read the failed runs' logs.txt "
-              f"(listed in {path}).", file=sys.stderr)
-        return 1
-    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
-    print(f"Best trial {best['number']}: {summary['objective']} = {best['value']:.4f} with {params}\n"
-          f"  run folder: {best['run_dir']}\n  summary:    {path}\n"
-          f"  figure:     python reports/search_figure.py --study-name {summary['study_name']}")
-    return 0
+    if not summary.get("finalized", True):
+        return 0
+    from research.search_records import print_summary
+
+    return print_summary(summary)
 
 
 if __name__ == "__main__":

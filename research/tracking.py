@@ -233,15 +233,38 @@ def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, floa
     for key, value in metrics.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            if "mean" in value:
-                flat[name] = float(value["mean"])
+            if "mean" in value:  # a NaN reads back from metrics.json as null
+                flat[name] = _number(value["mean"])
                 for bound, x in zip(("ci95_lo", "ci95_hi"), value.get("ci95") or ()):
-                    flat[f"{name}.{bound}"] = float(x)
+                    flat[f"{name}.{bound}"] = _number(x)
             else:
                 flat.update(flatten_metrics(value, name + "."))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[name] = float(value)
     return {k: v for k, v in flat.items() if math.isfinite(v)}
+
+
+def _number(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def experiment_id(name: str) -> str:
+    """The MLflow experiment of that name, created if missing (artifacts beside a SQLite store)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:///"):  # artifacts beside the SQLite store, not in the cwd
+        location = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id  # another process created it first
 
 
 class Tracker:
@@ -282,18 +305,7 @@ class Tracker:
                          START_TAG: identity["pid_start"], REASON_TAG: ""})
 
     def _experiment_id(self, name: str) -> str:
-        found = self.mlflow.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        location = None
-        if tracking_uri().startswith("sqlite:///"):  # artifacts beside the SQLite store, not in the cwd
-            location = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        try:
-            return self.mlflow.create_experiment(name, artifact_location=location)
-        except self.mlflow.exceptions.MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            return self.mlflow.get_experiment_by_name(name).experiment_id  # another process created it first
+        return experiment_id(name)
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log the resolved config. Under `mlflow run` the -P values are already logged and MLflow

@@ -54,6 +54,10 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 BROKEN_STATE_ERRORS = (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
 
 
+class StopTraining(Exception):
+    """A hook ends the run early on purpose (a search prunes a trial): the run is KILLED, not FAILED."""
+
+
 @dataclass
 class StepInfo:
     step: int
@@ -464,12 +468,31 @@ class MLflowHook:
         self.tracker.log_metrics({f"cost.{k}": float(v) for k, v in result.cost.items()})
 
 
-class ValidationHook:
-    """Every N steps, sample the first validation prompts with the adapter in place and log them.
+def sample_in_training(cfg: TrainConfig, c: Components, jobs: list, desc: str) -> list:
+    """Images from the components as they are mid-training (adapter in place), for validation strips and a
+    search's intermediate score. Sampling must not change training: modules offloaded to the CPU go back
+    there, and train/eval modes are restored (sampling runs in eval mode, so LoRA dropout is off)."""
+    from research.sample import generate_while_training, training_pipeline
 
-    Sampling must not change training: modules offloaded to the CPU go back there, and train/eval modes
-    are restored (the UNet samples in eval mode, so LoRA dropout is off while sampling).
-    """
+    device = c.unet.device
+    places = {m: next(m.parameters()).device for m in (c.vae, c.text_encoder)}
+    modes = {m: m.training for m in (c.unet, c.vae, c.text_encoder)}
+    try:
+        for module in places:
+            module.to(device)
+        for module in modes:
+            module.eval()
+        pipe = training_pipeline(c, cfg.sampler)
+        return generate_while_training(pipe, jobs, cfg, desc, prompt_fn=get_method(cfg).caption)
+    finally:
+        for module, place in places.items():
+            module.to(place)
+        for module, mode in modes.items():
+            module.train(mode)
+
+
+class ValidationHook:
+    """Every N steps, sample the first validation prompts with the adapter in place and log them."""
 
     def __init__(self, cfg: TrainConfig, tracker, prompts: list[str]):
         self.cfg, self.tracker, self.prompts = cfg, tracker, prompts[:4]
@@ -477,25 +500,10 @@ class ValidationHook:
     def on_step(self, info: StepInfo, c: Components) -> None:
         if not self.cfg.validation_steps or info.step % self.cfg.validation_steps:
             return
-        from research.sample import Job, generate_while_training, training_pipeline
+        from research.sample import Job
 
-        device = c.unet.device
-        places = {m: next(m.parameters()).device for m in (c.vae, c.text_encoder)}
-        modes = {m: m.training for m in (c.unet, c.vae, c.text_encoder)}
         jobs = [Job(i, p, self.cfg.seed) for i, p in enumerate(self.prompts)]
-        try:
-            for module in places:
-                module.to(device)
-            for module in modes:
-                module.eval()
-            pipe = training_pipeline(c, self.cfg.sampler)
-            images = generate_while_training(pipe, jobs, self.cfg, "validation", prompt_fn=get_method(self.cfg).caption)
-        finally:
-            for module, place in places.items():
-                module.to(place)
-            for module, mode in modes.items():
-                module.train(mode)
-        for job, image in zip(jobs, images):
+        for job, image in zip(jobs, sample_in_training(self.cfg, c, jobs, "validation")):
             self.tracker.log_image(image, job.file_name, step=info.step)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
@@ -506,9 +514,10 @@ class ValidationHook:
 
 
 # ─── the whole run: folder, tracking, train, sample, evaluate ───────────────────────────────
-def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None) -> Path:
+def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None, hooks: list[Hook] = ()) -> Path:
     """Check everything (inputs, model, store, resume), then create the run folder and MLflow run, train,
     sample and evaluate. A refused run leaves nothing behind; a started one always ends with a status.
+    hooks: more training hooks (a search's pruning reporter) beside tracking and validation.
 
     Under `accelerate launch` / `torchrun` every process trains its share of each batch; only the main
     process owns the run folder, MLflow, samples and metrics.
@@ -537,7 +546,11 @@ def run(cfg: TrainConfig, track: bool = True, tags: dict[str, str] | None = None
             run_dir.rmdir()  # the MLflow store refused the run: leave no empty folder behind
         raise
     try:
-        _train_sample_evaluate(cfg, run_dir, tracker, prepared)
+        _train_sample_evaluate(cfg, run_dir, tracker, prepared, hooks)
+    except StopTraining as err:
+        log.info("stopped early: %s", err)
+        tracker.finish("KILLED", f"stopped early: {err}")  # its params and the metrics logged so far stay
+        raise
     except (RunInterrupted, KeyboardInterrupt) as stop:
         name = getattr(stop, "signal_name", "SIGINT")
         reason = (f"stopped by {name}; the last resumable state is kept: continue with "
@@ -587,13 +600,14 @@ def _start_records(cfg: TrainConfig, run_dir: Path, track: bool, tags: dict | No
     return tracker
 
 
-def _train_sample_evaluate(cfg: TrainConfig, run_dir: Path, tracker, prepared: Prepared) -> None:
+def _train_sample_evaluate(cfg: TrainConfig, run_dir: Path, tracker, prepared: Prepared, hooks=()) -> None:
     from research.sample import sample_run
     from research.tracking import flatten_metrics, write_metrics
 
     tracker.log_params(cfg.to_dict())
     prompts = prepared.data.validation_prompts
-    result = train(cfg, run_dir, hooks=[MLflowHook(tracker), ValidationHook(cfg, tracker, prompts)], prepared=prepared)
+    result = train(cfg, run_dir, hooks=[MLflowHook(tracker), ValidationHook(cfg, tracker, prompts), *hooks],
+                   prepared=prepared)
     del prepared
     # free the training graph, then sample through the saved file, the way a user loads it
     device = result.components.unet.device
