@@ -3,8 +3,8 @@
 The run folder (``runs/<experiment>/<timestamp>_<name>/``) has the layout users of the seed know;
 its files are logged to MLflow as artifacts at the end. MLflow defaults to a SQLite store in the
 repository root (``sqlite:///mlflow.db``, artifacts in ``mlartifacts/``); ``MLFLOW_TRACKING_URI``
-points elsewhere (a team server). Under ``mlflow run`` the run it created (``MLFLOW_RUN_ID``) is
-used instead of a new one.
+points elsewhere (a team server). Under ``mlflow run`` the run it created (``MLFLOW_RUN_ID``) is the
+parent of ours: it holds the MLproject parameters as given, ours the resolved config that ran.
 """
 
 from __future__ import annotations
@@ -95,37 +95,43 @@ class Tracker:
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri())
-        if os.environ.get("MLFLOW_RUN_ID"):
-            run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
-        else:
-            mlflow.set_experiment(experiment_id=self._experiment_id(experiment))
-            run = mlflow.start_run(run_name=run_name)
+        experiment_id = self._experiment_id(experiment)
+        # `mlflow run` opened a launcher run and logged every MLproject parameter, defaults included,
+        # before --config was read, and MLflow forbids changing a param; so the values that ran go into
+        # a run of our own in the named experiment, under the launcher. The variable is popped for
+        # start_run only (it would resume the launcher) and kept for child processes (compare's methods).
+        launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+        try:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                                   tags={"mlflow.parentRunId": launcher, **tags} if launcher else tags)
+        finally:
+            if launcher:
+                os.environ["MLFLOW_RUN_ID"] = launcher
         self.run_id = run.info.run_id
-        mlflow.set_tags(tags)
+        if launcher:
+            mlflow.MlflowClient().set_tag(launcher, "mlflow.note.content",
+                                          f"Launched run {run_name} ({self.run_id}) in experiment {experiment}. "
+                                          "The params here are the entry point's inputs (MLproject defaults where "
+                                          "none was given); that run's params are the values used.")
 
     def _experiment_id(self, name: str) -> str:
+        # MLflow 3's UI opens an experiment in its GenAI (traces) view unless this tag marks it as
+        # holding model-training runs
+        kind = ("mlflow.experimentKind", "custom_model_development")
         found = self.mlflow.get_experiment_by_name(name)
         if found is not None:
+            if kind[0] not in found.tags:
+                self.mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *kind)
             return found.experiment_id
         location = None
         if tracking_uri().startswith("sqlite:///"):  # artifacts beside the SQLite store, not in the cwd
             location = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        return self.mlflow.create_experiment(name, artifact_location=location)
+        return self.mlflow.create_experiment(name, artifact_location=location, tags=dict([kind]))
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log the resolved config. Under `mlflow run` the -P values are already logged and MLflow
-        forbids changing them, so a value the config file changed is logged as `resolved.<key>`."""
-        if not self.enabled:
-            return
-        as_text = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items()}
-        existing = self.mlflow.get_run(self.run_id).data.params
-        fresh = {}
-        for key, value in as_text.items():
-            if key not in existing:
-                fresh[key] = value
-            elif not _same_value(existing[key], value):
-                fresh[f"resolved.{key}"] = value
-        self.mlflow.log_params(fresh)
+        """Log the resolved config: the run is always our own, so these are the values that ran."""
+        if self.enabled:
+            self.mlflow.log_params({k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled and metrics:
@@ -155,13 +161,6 @@ class Tracker:
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self.mlflow.end_run(status=status)
-
-
-def _same_value(a: str, b: str) -> bool:
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a == b
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
