@@ -89,7 +89,7 @@ def draw(rows: list[dict], grid: Path | None, out: Path, title: str, labels: dic
         ax.set_title("one seed per prompt, across t")
         ax.axis("off")
     n = int(df.n.max()) if len(df) and "n" in df else "?"
-    fig.suptitle(f"{title}: (1-t)·ΔW_A + t·ΔW_B, 95% intervals, n = {n} images per t")
+    fig.suptitle(f"{title}\nblend (1-t)·ΔW_A + t·ΔW_B; 95% intervals, n = {n} images per t", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out, dpi=120)
 

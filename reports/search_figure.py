@@ -121,7 +121,8 @@ def draw_surface(rows: list[dict], objective: str, title: str, out: Path) -> Pat
     done = [r for r in rows if r["state"] == "COMPLETE" and math.isfinite(r[objective])]
     vmin, vmax = (min(r[objective] for r in done), max(r[objective] for r in done)) if done else (0, 1)
     ranks = sorted({r["rank"] for r in rows if "rank" in r}) or [0]
-    fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups) + 1.2, 3.4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.8 * len(groups) + 1.4, 3.6), squeeze=False, sharey=True,
+                             layout="constrained")
     points = None
     for ax, (name, part) in zip(axes.flat, groups):
         ok = [r for r in part if r in done]
@@ -135,7 +136,7 @@ def draw_surface(rows: list[dict], objective: str, title: str, out: Path) -> Pat
                        color=color, marker=marker, s=60, label=label if marked else None)
         ax.set_xscale("log")
         ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
-        ax.set_xlabel("training steps (optimizer steps, log scale)")
+        ax.set_xlabel("training steps (log scale)")
         ax.set_title(f"{name} ({len(part)} trials)", fontsize=9)
         if any(r["state"] in STATE_STYLE for r in part):
             ax.legend(fontsize=7, loc="best")
@@ -178,7 +179,9 @@ def importances(rows: list[dict], objectives: list[str], directions: list[str]) 
     if len(study.trials) < 2 or not searched_params(rows):
         return {}
     target = (lambda t: t.values[0]) if len(objectives) > 1 else None
-    return optuna.importance.get_param_importances(study, target=target, target_name=objectives[0])
+    # fANOVA: share of the objective variance per param, whatever the direction (optuna 5 defaults to PED-ANOVA)
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    return optuna.importance.get_param_importances(study, evaluator=evaluator, target=target)
 
 
 def draw_importances(values: dict[str, float], objective: str, n: int, title: str, out: Path) -> Path:

@@ -4,14 +4,13 @@ its figures, the run ids and config behind each, and findings sentences generate
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 import findings
-from study_figures import cost_bars, delta_panels, image_grid
+from study_figures import cost_bars, delta_panels, image_grid, titled_image
 from search_figure import best_row
 from study_runs import FILL_COMMANDS, Experiment, RunView, artifact, artifact_json
 
@@ -134,7 +133,8 @@ def _parent_grid(parent: RunView, out: Path) -> Path | None:
 
     names = [a.path for a in mlflow.MlflowClient().list_artifacts(parent.run_id) if a.path.endswith(".png")]
     local = next((artifact(parent.run_id, n) for n in names if "grid" in n), None)
-    return Path(shutil.copyfile(local, out)) if local else None
+    return titled_image(local, f"Experiment I: style grid of run {parent.name}", "base model and each style", out) \
+        if local else None
 
 
 # ─── Experiment III ─────────────────────────────────────────────────────────────────────────
@@ -181,7 +181,8 @@ def blend_section(found: Experiment, style_colors: dict[str, str], out: Path) ->
     styles = {s.upper(): metrics.get(s, {}).get("style", s.upper()) for s in ("a", "b")}
     grid = artifact(run.run_id, "thumbnails/grid.png")
     if grid is not None:
-        path = Path(shutil.copyfile(grid, out / "exp4_strips.png"))
+        path = titled_image(grid, f"Experiment IV: A = {labels['A']} to B = {labels['B']}",
+                            "blend weight t (columns: 0 = A only ... 1 = B only)", out / "exp4_strips.png")
         section.figures.append(Figure(path, f"Interpolation strips: A = {labels['A']} (t = 0) to B = {labels['B']} "
                                             "(t = 1), one seed per prompt row, same seeds in every column.", [run]))
     rows = load_rows(metrics)

@@ -95,3 +95,20 @@ def cost_bars(costs: dict[str, dict[str, float]], colors: dict[str, str], title:
     fig.suptitle(f"{title}: cost of one training run per method (n = 1 each)", fontsize=11)
     fig.tight_layout()
     return save_figure(fig, out, dpi=110)
+
+
+def titled_image(image_path: Path, title: str, xlabel: str, out: Path) -> Path:
+    """An image another run drew (a blend grid, a styles grid) redrawn with a title and an axis label,
+    at a size where its cells are visible."""
+    theme()
+    image = plt.imread(str(image_path))
+    height, width = image.shape[:2]
+    scale = max(1.0, 700 / width)  # small toy grids are enlarged to a readable width
+    fig, ax = plt.subplots(figsize=(width * scale / 100 + 0.6, height * scale / 100 + 1.0))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, out, dpi=100)

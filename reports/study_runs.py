@@ -16,11 +16,14 @@ Which runs belong to which experiment is read from tags, never from run folders:
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per downloaded file drowns the log
 
 DEFAULT_EXPERIMENTS = {"styles": "exp1", "search": "exp2", "compare": "exp3", "blend": "exp4"}
 FILL_COMMANDS = {"styles": "make styles", "search": "make search", "compare": "make compare",
