@@ -143,10 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python reports/report.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for kind, name in study_runs.DEFAULT_EXPERIMENTS.items():
-        parser.add_argument(f"--{kind}-experiment", dest=f"{kind}_experiment", default=name,
+        parser.add_argument(f"--{kind}-experiment", f"--{kind}_experiment", dest=f"{kind}_experiment", default=name,
                             help=f"MLflow experiment of the {kind} runs (default {name})")
-    parser.add_argument("--study-name", dest="study_name", default="", help="Exp II study (default: the newest)")
-    parser.add_argument("--out-dir", dest="out_dir", default=str(REPO / "reports" / "out"),
+    parser.add_argument("--study-name", "--study_name", dest="study_name", default="",
+                        help="Exp II study (default: the newest)")
+    parser.add_argument("--out-dir", "--out_dir", dest="out_dir", default="reports/out",
                         help="folder for index.html and figures/")
     parser.add_argument("--no-tracking", action="store_true", help="write the page only, no `report` MLflow run")
     return parser

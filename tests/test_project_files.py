@@ -27,7 +27,8 @@ def cli_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def entry_parsers() -> dict[str, argparse.ArgumentParser]:
-    from research import blend, compare, evaluate, sample, search
+    from conftest import load_report
+    from research import blend, compare, evaluate, sample, search, study
 
     captured = {}
 
@@ -43,7 +44,7 @@ def entry_parsers() -> dict[str, argparse.ArgumentParser]:
     argparse.ArgumentParser.parse_args = grab
     try:
         for name, module in [("sample", sample), ("evaluate", evaluate), ("compare", compare), ("search", search),
-                             ("blend", blend)]:
+                             ("blend", blend), ("study", study), ("report", load_report("report"))]:
             with pytest.raises(Capture):
                 module.main([])
             parsers[name] = captured["parser"]
@@ -53,10 +54,11 @@ def entry_parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_entry_point_is_tested():
-    assert set(MLPROJECT["entry_points"]) == {"train", "sample", "evaluate", "quickstart", "compare", "search", "blend"}
+    assert set(MLPROJECT["entry_points"]) == {"train", "sample", "evaluate", "quickstart", "compare", "search", "blend",
+                                              "study", "report"}
 
 
-@pytest.mark.parametrize("entry", ["train", "sample", "evaluate", "compare", "search", "blend"])
+@pytest.mark.parametrize("entry", ["train", "sample", "evaluate", "compare", "search", "blend", "study", "report"])
 def test_every_mlproject_parameter_is_a_cli_flag_with_the_same_default(entry):
     spec = MLPROJECT["entry_points"][entry]
     options = cli_options(entry_parsers()[entry])
@@ -125,7 +127,7 @@ def test_toy_config_is_valid():
 def test_make_help_lists_every_target():
     out = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for target in ["setup", "quickstart", "test", "train", "sample", "evaluate", "ui", "clean", "toyworld", "compare",
-                   "search", "blend", "report", "bench"]:
+                   "search", "blend", "report", "study", "bench"]:
         assert re.search(rf"make {target}\s", out), target
 
 
