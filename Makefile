@@ -71,6 +71,7 @@ toyworld: setup ## retrain the toy world from scratch (2 CPU cores: ~13 h, mostl
 	$(PY) -m research.toyworld.generate --out $(TOY_DATA)
 
 ui: setup ## MLflow UI on http://127.0.0.1:5000 (HOST=0.0.0.0 to share)
+	@echo "open http://$(or $(HOST),127.0.0.1):$(or $(PORT),5000)/#/experiments?workflowType=machine_learning and click 'Model training' at the top of the sidebar once: MLflow 3.17 starts in its GenAI view and the browser remembers the switch"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)
 
 bench: setup ## speed benchmarks (training steps/s, evaluation time)

@@ -54,7 +54,7 @@ def delta_panels(rows: list[dict], groups: list[str], colors: dict[str, str], ti
     metrics = sorted({r["metric"] for r in rows})
     cols = min(4, len(metrics))
     n_rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(3.6 * cols, 3.1 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(max(3.6 * cols, 7.5), 3.1 * n_rows + 0.4), squeeze=False)
     for ax, metric in zip(axes.flat, metrics):
         ax.axhline(0, color=BASE_COLOR, lw=1, ls="--")
         for x, group in enumerate(groups):

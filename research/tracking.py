@@ -115,8 +115,8 @@ class Tracker:
                                           "none was given); that run's params are the values used.")
 
     def _experiment_id(self, name: str) -> str:
-        # MLflow 3's UI opens an experiment in its GenAI (traces) view unless this tag marks it as
-        # holding model-training runs
+        # the experiment kind MLflow 3 records for model training (not GenAI traces); the 3.17 UI itself
+        # follows its global GenAI / Model training switch, which `make ui` sets through its URL
         kind = ("mlflow.experimentKind", "custom_model_development")
         found = self.mlflow.get_experiment_by_name(name)
         if found is not None:
