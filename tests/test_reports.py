@@ -238,3 +238,48 @@ def test_report_renders_in_headless_chromium_without_a_broken_image(store, tmp_p
                    capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 10  # not a blank page
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_a_run_in_the_model_training_view(tmp_path):
+    """`make ui`'s link opens a run page of a Tracker run with its params and the model-training tabs."""
+    import os
+    import socket
+    import sys
+    import time
+    import urllib.request
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless check needs Debian's `chromium` (apt-get install chromium)")
+    from research.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    tracker = Tracker(tmp_path, "exp1", "pastel_lora", {"style": "pastel", "method": "lora"})
+    tracker.log_params({"rank": 8, "learning_rate": 6e-4})
+    tracker.log_metrics({"delta.style_similarity": 0.3})
+    tracker.finish()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen([str(mlflow_bin), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
+                               str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        experiment = tracker.mlflow.get_experiment_by_name("exp1").experiment_id
+        url = (f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs/{tracker.run_id}"
+               "?workflowType=machine_learning")
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000",
+                              "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "Model metrics" in dom and "pastel_lora" in dom and "learning_rate" in dom
+    assert "Model registry" in dom and "Judges" not in dom  # the model-training sidebar, not the GenAI one
