@@ -50,10 +50,13 @@ def collect(args, out: Path) -> list[sections.Section]:
     for run in blend.runs:  # blend styles join the palette so a style keeps its colour in Exp IV
         names += [run.tags.get("style_a", "A"), run.tags.get("style_b", "B")]
     colors = style_colors(names)
-    return [sections.styles_section(styles, colors, out),
-            sections.search_section(study_runs.find_search(args.search_experiment, args.study_name), out),
-            sections.compare_section(study_runs.find_compare(args.compare_experiment), out),
-            sections.blend_section(blend, colors, out)]
+    found = [styles, study_runs.find_search(args.search_experiment, args.study_name),
+             study_runs.find_compare(args.compare_experiment), blend]
+    built = [sections.styles_section(styles, colors, out), sections.search_section(found[1], out),
+             sections.compare_section(found[2], out), sections.blend_section(blend, colors, out)]
+    for section, experiment in zip(built, found):
+        section.table_link = study_runs.key_columns_link(experiment)
+    return built
 
 
 # ─── HTML ───────────────────────────────────────────────────────────────────────────────────
@@ -85,8 +88,10 @@ def figure_html(fig: sections.Figure, page_dir: Path) -> str:
 
 
 def section_html(section: sections.Section, page_dir: Path) -> str:
+    table = (f' Its runs table with the key columns (after <code>make ui</code>): <a href="{esc(section.table_link)}">'
+             f"{esc(section.table_link)}</a>." if section.table_link else "")
     parts = [f'<section id="{section.key}"><h2>{esc(section.title)}</h2>',
-             f"<p>MLflow experiment <code>{esc(section.experiment)}</code>.</p>"]
+             f"<p>MLflow experiment <code>{esc(section.experiment)}</code>.{table}</p>"]
     parts += [f'<p class="notice">{esc(n)}</p>' for n in section.notices]
     parts += [figure_html(f, page_dir) for f in section.figures]
     if section.findings:

@@ -34,6 +34,7 @@ class Section:
     key: str
     title: str
     experiment: str
+    table_link: str | None = None  # the experiment's MLflow runs table with its key columns
     notices: list[str] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)

@@ -166,3 +166,32 @@ def safe_uri(uri: str) -> str:
         return uri
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"
                                             + (f":{parts.port}" if parts.port else "")))
+
+
+# ─── the runs table as a researcher reads it ────────────────────────────────────────────────
+VIEW_KEY = "key-columns"
+UI = "http://127.0.0.1:5000"  # where `make ui` serves
+KEY_TAGS = ["method", "style", "comparison", "study_name", "trial_number", "trial_state"]
+KEY_PARAMS = ["rank", "lora_alpha", "learning_rate", "max_train_steps"]
+KEY_METRICS = ["objective", "cost.train_seconds", "cost.peak_memory_mb"]
+
+
+def key_columns_link(found: Experiment) -> str | None:
+    """Store a shared view of the experiment's runs table with its key columns (method, style, rank,
+    lr, steps, headline metrics) and return the `make ui` URL that opens it.
+
+    MLflow 3.17's runs table shows no param or metric column until a user picks them; a view state
+    stored as the experiment tag mlflow.sharedViewState.<key> is what its URL parameter
+    viewStateShareKey opens (the same mechanism as the UI's own "share" link)."""
+    runs = found.runs + ([found.parent] if found.parent else [])
+    experiment = mlflow.get_experiment_by_name(found.experiment)
+    if not runs or experiment is None:
+        return None
+    deltas = sorted({m for r in runs for m in r.metric_names("delta")})
+    present = {kind: set().union(*(getattr(r, kind) for r in runs)) for kind in ("tags", "params", "metrics")}
+    columns = ([f"tags.`{k}`" for k in KEY_TAGS if k in present["tags"]]
+               + [f"params.`{k}`" for k in KEY_PARAMS if k in present["params"]]
+               + [f"metrics.`{k}`" for k in KEY_METRICS + [f"delta.{m}" for m in deltas] if k in present["metrics"]])
+    mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, f"mlflow.sharedViewState.{VIEW_KEY}",
+                                             json.dumps({"selectedColumns": columns}))
+    return f"{UI}/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"

@@ -171,6 +171,10 @@ def test_report_draws_every_figure_names_its_runs_and_is_logged(store, tmp_path)
     for run_id in ids:
         assert run_id in page, run_id
     assert "trial 3 with rank = 8" in page  # best complete trial: the pruned and failed ones score higher
+    view = json.loads(client.get_experiment_by_name("exp1").tags["mlflow.sharedViewState.key-columns"])
+    assert {"tags.`style`", "params.`rank`", "params.`learning_rate`", "metrics.`delta.style_similarity`"} \
+        <= set(view["selectedColumns"])  # the runs table the report links shows the key columns
+    assert "runs?viewStateShareKey=key-columns&amp;workflowType=machine_learning" in page
     (run,) = client.search_runs([client.get_experiment_by_name("report").experiment_id])
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"index.html", "figures"} <= logged and run.data.tags["experiment_kind"] == "report"
