@@ -15,8 +15,10 @@ Which runs belong to which experiment is read from tags, never from run folders:
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +143,7 @@ def find_blend(experiment: str) -> Experiment:
 
 # ─── artifacts, by run id ────────────────────────────────────────────────────────────────────
 _SCRATCH = Path(tempfile.mkdtemp(prefix="study-report-"))
+atexit.register(shutil.rmtree, _SCRATCH, True)  # downloads are only read while the report is drawn
 
 
 def artifact(run_id: str, path: str) -> Path | None:
