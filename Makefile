@@ -16,7 +16,7 @@ FLAGS = $(if $(CONFIG),--config $(CONFIG)) $(if $(STYLE_DIR),--style-dir $(STYLE
 	$(if $(LORA_ALPHA),--lora-alpha $(LORA_ALPHA)) $(if $(STEPS),--max-train-steps $(STEPS)) \
 	$(if $(LR),--learning-rate $(LR)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
 
-.PHONY: help setup quickstart test test-slow train sample evaluate compare styles search blend report data toyworld ui bench clean clean-runs
+.PHONY: help setup quickstart test test-slow train sample evaluate compare styles search blend report study data toyworld ui bench clean clean-runs
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -67,16 +67,18 @@ search: setup $(if $(CONFIG),,data) ## Experiment II, Optuna (toy default): TRIA
 blend: setup ## Experiment IV, blend two LoRA runs: A=runs/exp1/<a> B=runs/exp1/<b> [WEIGHTS=0,0.5,1] [EXPORT=0.5]
 	$(PY) -m research.blend --adapter-a $(A) --adapter-b $(B) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(if $(EXPORT),--export-weight $(EXPORT)) $(ARGS)
 
-report: setup ## figures from MLflow: EXPERIMENT=quickstart (metrics), STUDY=<study> (search), BLEND=latest|runs/exp4/<run>
-	$(PY) reports/metrics_figure.py --experiment $(or $(EXPERIMENT),quickstart)
-	$(if $(STUDY),$(PY) reports/search_figure.py --study-name $(STUDY))
-	$(if $(BLEND),$(PY) reports/blend_figure.py $(if $(filter latest,$(BLEND)),,--run-dir $(BLEND)))
+report: setup ## the study report from MLflow: reports/out/index.html, also a `report` run in MLflow [ARGS="--study-name s"]
+	$(PY) reports/report.py $(ARGS)
+
+study: setup data ## Experiments I-IV and the report on the embedded default (estimate ~45 min on 2 CPU cores) [ARGS="--force report"]
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m research.study $(ARGS)
 
 toyworld: setup ## retrain the toy world from scratch (2 CPU cores: ~13 h, mostly the VAE; TOY_DEVICE=cuda: ~8 min)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m research.toyworld.pretrain --out research/toyworld/weights --device $(or $(TOY_DEVICE),cpu) $(ARGS)
 	$(PY) -m research.toyworld.generate --out $(TOY_DATA)
 
 ui: setup ## MLflow UI on http://127.0.0.1:5000 (HOST=0.0.0.0 to share)
+	@echo "open http://$(or $(HOST),127.0.0.1):$(or $(PORT),5000)/#/experiments?workflowType=machine_learning and click 'Model training' at the top of the sidebar once: MLflow 3.17 starts in its GenAI view and the browser remembers the switch"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),5000)
 
 bench: setup ## ours vs the plain loop, MFU, sampling/eval images/s, cost growth -> reports/bench/ (ARGS="--model sd15 --device cuda")

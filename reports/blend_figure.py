@@ -43,12 +43,21 @@ def load_rows(metrics: dict) -> list[dict]:
                 continue
             base, side = (name[:-2], name[-1].upper()) if name.endswith(("_a", "_b")) else (name, "")
             lo, hi = value.get("ci95") or [value["mean"]] * 2
-            rows.append(dict(t=t, metric=base, side=side, mean=value["mean"],
+            rows.append(dict(t=t, metric=base, side=side, mean=value["mean"], n=value.get("n"),
                              lo=value["mean"] if lo is None else lo, hi=value["mean"] if hi is None else hi))
     return rows
 
 
-def draw(rows: list[dict], grid: Path | None, out: Path, title: str, labels: dict[str, str]) -> Path:
+def side_colors(labels: dict[str, str], styles: dict[str, str], style_colors: dict[str, str] | None = None) -> dict:
+    """A and B drawn in their styles' colours (the report's palette when given), the shared curves in the blend's."""
+    from research.figures import METHOD_COLORS, style_colors as colors_for
+
+    palette = style_colors or colors_for(styles.values())
+    return {"A": palette[styles["A"]], "B": palette[styles["B"]], "": METHOD_COLORS["lora_blend"]}
+
+
+def draw(rows: list[dict], grid: Path | None, out: Path, title: str, labels: dict[str, str],
+         palette: dict[str, str]) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,28 +66,30 @@ def draw(rows: list[dict], grid: Path | None, out: Path, title: str, labels: dic
     import seaborn as sns
 
     from research.atomic import save_figure
+    from research.figures import metric_label
 
     df = pd.DataFrame(rows)
     metrics = list(dict.fromkeys(df.metric)) if len(df) else []
     sns.set_theme(style="whitegrid", context="notebook")
     panels = len(metrics) + (grid is not None)
     fig, axes = plt.subplots(1, max(panels, 1), figsize=(4.2 * max(panels, 1) + (2 if grid else 0), 3.8), squeeze=False)
-    palette = {"A": "#4c72b0", "B": "#d1495b", "": "#555555"}
     for ax, metric in zip(axes.flat, metrics):
         part = df[df.metric == metric].sort_values("t")
         for side, sub in part.groupby("side", sort=True):
             name = labels.get(side, "") if side else "blend"
             ax.plot(sub.t, sub["mean"], marker="o", color=palette[side], label=f"{side}: {name}" if side else name)
             ax.fill_between(sub.t, sub.lo, sub.hi, color=palette[side], alpha=0.15)
-        ax.set_xlabel("t  (0 = A, 1 = B)")
-        ax.set_title(metric)
+        ax.set_xlabel("blend weight t (0 = A only, 1 = B only)")
+        ax.set_ylabel(metric_label(metric), fontsize=8)
+        ax.set_title(metric.replace("_", " "), fontsize=10)
         ax.legend(loc="best", fontsize=7)
     if grid is not None:
         ax = axes.flat[panels - 1]
         ax.imshow(plt.imread(str(grid)))
         ax.set_title("one seed per prompt, across t")
         ax.axis("off")
-    fig.suptitle(f"{title}: blend of A and B weight deltas")
+    n = int(df.n.max()) if len(df) and "n" in df else "?"
+    fig.suptitle(f"{title}\nblend (1-t)·ΔW_A + t·ΔW_B; 95% intervals, n = {n} images per t", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out, dpi=120)
 
@@ -106,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         grid = None
     name = run.info.run_name or run_id[:8]
     labels = {"A": metrics.get("a", {}).get("label", "A"), "B": metrics.get("b", {}).get("label", "B")}
+    styles = {"A": metrics.get("a", {}).get("style", "A"), "B": metrics.get("b", {}).get("style", "B")}
     rows = load_rows(metrics)
     if not rows and grid is None:
         print(f"error: blend run {name} sampled no images (export only); pass --run-dir of a blend run with --weights.",
               file=sys.stderr)
         return 2
-    out = draw(rows, grid, Path(args.out or REPO / "reports" / "out" / f"{name}_blend.png"), name, labels)
+    out = draw(rows, grid, Path(args.out or REPO / "reports" / "out" / f"{name}_blend.png"), name, labels,
+               side_colors(labels, styles))
     with mlflow.start_run(run_id=run_id):
         mlflow.log_artifact(str(out), artifact_path="reports")
     print(f"wrote {out}")

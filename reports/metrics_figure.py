@@ -50,7 +50,7 @@ def draw(rows: list[dict], out: Path, title: str) -> Path:
     import seaborn as sns
 
     from research.atomic import save_figure
-    from research.figures import point_and_interval
+    from research.figures import BASE_COLOR, METHOD_COLORS, point_and_interval
 
     df = pd.DataFrame(rows)
     metrics = sorted(df.metric.unique())
@@ -58,7 +58,7 @@ def draw(rows: list[dict], out: Path, title: str) -> Path:
     cols = min(4, len(metrics))
     fig, axes = plt.subplots((len(metrics) + cols - 1) // cols, cols, figsize=(4 * cols, 3.2 * ((len(metrics) + cols - 1) // cols)),
                              squeeze=False)
-    palette = {"baseline": "#8c8c8c", "adapter": "#d1495b"}
+    palette = {"baseline": BASE_COLOR, "adapter": METHOD_COLORS["lora"]}
     for ax, metric in zip(axes.flat, metrics):
         part = df[df.metric == metric]
         runs = list(dict.fromkeys(part.sort_values("start").run))

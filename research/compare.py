@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from research.atomic import save_figure, write_json
-from research.figures import point_and_interval
+from research.figures import method_color, point_and_interval
 from research.config import (RECIPE_LEARNING_RATES, ConfigError, TrainConfig, add_config_arguments, config_from_args,
                              parse_bool)
 from research.methods import METHODS
@@ -165,7 +165,7 @@ def draw(result: dict, out: Path) -> Path:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
     names = list(done)
-    colors = dict(zip(names, sns.color_palette("deep", len(names))))
+    colors = {m: method_color(m) for m in names}  # the colours every report figure gives these methods
     for ax, (kind, key) in zip(axes.flat, panels):
         xs = range(len(names))
         if kind == "quality":

@@ -3,8 +3,8 @@
 The run folder (``runs/<experiment>/<timestamp>_<name>/``) has the layout users of the seed know;
 its files are logged to MLflow as artifacts at the end. MLflow defaults to a SQLite store in the
 repository root (``sqlite:///mlflow.db``, artifacts in ``mlartifacts/``); ``MLFLOW_TRACKING_URI``
-points elsewhere (a team server). Under ``mlflow run`` the run it created (``MLFLOW_RUN_ID``) is
-used instead of a new one.
+points elsewhere (a team server). Under ``mlflow run`` the run it created (``MLFLOW_RUN_ID``) is the
+parent of ours: it holds the MLproject parameters as given, ours the resolved config that ran.
 
 Every run folder also holds ``run.json``: its status (RUNNING, FINISHED, FAILED, KILLED), why it
 stopped, the MLflow run it belongs to (a resume reopens that run) and the process (pid, host) that
@@ -248,6 +248,11 @@ def _number(x) -> float:
     return float("nan") if x is None else float(x)
 
 
+# the experiment kind MLflow 3 records for model training (not GenAI traces); the 3.17 UI itself follows
+# its global GenAI / Model training switch, which `make ui` sets through its URL
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(name: str) -> str:
     """The MLflow experiment of that name, created if missing (artifacts beside a SQLite store)."""
     import mlflow
@@ -255,12 +260,14 @@ def experiment_id(name: str) -> str:
     mlflow.set_tracking_uri(tracking_uri())
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
+        if EXPERIMENT_KIND[0] not in found.tags:
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:///"):  # artifacts beside the SQLite store, not in the cwd
         location = (Path(tracking_uri()[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
     except mlflow.exceptions.MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -289,38 +296,40 @@ class Tracker:
         self.mlflow = mlflow
         uri = tracking_uri()
         mlflow.set_tracking_uri(uri)
-        with store_lock(uri):
-            for marked in mark_dead_runs():
-                log.warning("marked KILLED: %s (its process is gone)", marked)
-            previous = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
-            if os.environ.get("MLFLOW_RUN_ID"):
-                run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
-            elif previous:  # a resume continues its own run: one loss curve, one record
-                run = mlflow.start_run(run_id=previous)
-            else:
-                mlflow.set_experiment(experiment_id=self._experiment_id(experiment))
-                run = mlflow.start_run(run_name=run_name)
+        # `mlflow run` opened a launcher run and logged every MLproject parameter, defaults included,
+        # before --config was read, and MLflow forbids changing a param; so the values that ran go into
+        # a run of our own in the named experiment, under the launcher. The variable is popped for
+        # start_run only (it would resume the launcher) and kept for child processes (compare's methods).
+        launcher = os.environ.pop("MLFLOW_RUN_ID", None)
+        try:
+            with store_lock(uri):
+                for marked in mark_dead_runs():
+                    log.warning("marked KILLED: %s (its process is gone)", marked)
+                previous = record.get("mlflow_run_id") if record.get("tracking_uri") == uri else None
+                if previous:  # a resume continues its own run: one loss curve, one record
+                    run = mlflow.start_run(run_id=previous)
+                else:
+                    run = mlflow.start_run(experiment_id=self._experiment_id(experiment), run_name=run_name,
+                                           tags={"mlflow.parentRunId": launcher, **tags} if launcher else tags)
+        finally:
+            if launcher:
+                os.environ["MLFLOW_RUN_ID"] = launcher
         self.run_id = run.info.run_id
         mlflow.set_tags({**tags, PID_TAG: identity["pid"], HOST_TAG: identity["host"],
                          START_TAG: identity["pid_start"], REASON_TAG: ""})
+        if launcher and not previous:
+            mlflow.MlflowClient().set_tag(launcher, "mlflow.note.content",
+                                          f"Launched run {run_name} ({self.run_id}) in experiment {experiment}. "
+                                          "The params here are the entry point's inputs (MLproject defaults where "
+                                          "none was given); that run's params are the values used.")
 
     def _experiment_id(self, name: str) -> str:
         return experiment_id(name)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log the resolved config. Under `mlflow run` the -P values are already logged and MLflow
-        forbids changing them, so a value the config file changed is logged as `resolved.<key>`."""
-        if not self.enabled:
-            return
-        as_text = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items()}
-        existing = self.mlflow.get_run(self.run_id).data.params
-        fresh = {}
-        for key, value in as_text.items():
-            if key not in existing:
-                fresh[key] = value
-            elif not _same_value(existing[key], value):
-                fresh[f"resolved.{key}"] = value
-        self.mlflow.log_params(fresh)
+        """Log the resolved config: the run is always our own, so these are the values that ran."""
+        if self.enabled:
+            self.mlflow.log_params({k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled and metrics:
@@ -358,13 +367,6 @@ class Tracker:
             if (self.run_dir / "logs.txt").is_file():
                 self.mlflow.log_artifact(str(self.run_dir / "logs.txt"))
         self.mlflow.end_run(status=status)
-
-
-def _same_value(a: str, b: str) -> bool:
-    try:
-        return float(a) == float(b)
-    except ValueError:
-        return a == b
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

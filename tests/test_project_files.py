@@ -27,7 +27,8 @@ def cli_options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def entry_parsers() -> dict[str, argparse.ArgumentParser]:
-    from research import blend, compare, evaluate, sample, search, styles
+    from conftest import load_report
+    from research import blend, compare, evaluate, sample, search, styles, study
 
     captured = {}
 
@@ -43,7 +44,7 @@ def entry_parsers() -> dict[str, argparse.ArgumentParser]:
     argparse.ArgumentParser.parse_args = grab
     try:
         for name, module in [("sample", sample), ("evaluate", evaluate), ("compare", compare), ("search", search),
-                             ("styles", styles), ("blend", blend)]:
+                             ("styles", styles), ("blend", blend), ("study", study), ("report", load_report("report"))]:
             with pytest.raises(Capture):
                 module.main([])
             parsers[name] = captured["parser"]
@@ -53,10 +54,11 @@ def entry_parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_entry_point_is_tested():
-    assert set(MLPROJECT["entry_points"]) == {"train", "sample", "evaluate", "quickstart", "compare", "styles", "search", "blend"}
+    assert set(MLPROJECT["entry_points"]) == {"train", "sample", "evaluate", "quickstart", "compare", "styles", "search",
+                                              "blend", "study", "report"}
 
 
-@pytest.mark.parametrize("entry", ["train", "sample", "evaluate", "compare", "styles", "search", "blend"])
+@pytest.mark.parametrize("entry", ["train", "sample", "evaluate", "compare", "styles", "search", "blend", "study", "report"])
 def test_every_mlproject_parameter_is_a_cli_flag_with_the_same_default(entry):
     spec = MLPROJECT["entry_points"][entry]
     options = cli_options(entry_parsers()[entry])
@@ -125,30 +127,39 @@ def test_toy_config_is_valid():
 def test_make_help_lists_every_target():
     out = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for target in ["setup", "quickstart", "test", "train", "sample", "evaluate", "ui", "clean", "toyworld", "compare",
-                   "styles", "search", "blend", "report", "bench"]:
+                   "styles", "search", "blend", "report", "study", "bench", "clean-runs"]:
         assert re.search(rf"make {target}\s", out), target
 
 
 def test_mlflow_run_entry_point(tiny_model, odd_style_dir, tmp_path):
-    """`mlflow run . -e train` with the local environment: MLflow creates the run, we attach to it."""
+    """`mlflow run . -e train -P config=...` with the local environment: the run lands in the experiment
+    and under the run name the parameters name, with the values that ran (the config's rank, not the
+    MLproject default), nested under the launcher run MLflow opened in its own experiment."""
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = tiny_train_args(odd_style_dir, tiny_model, tmp_path / "runs", max_train_steps=2, checkpointing_steps=0)
-    params = []
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"rank": 2}))  # the MLproject default is 32
+    args = tiny_train_args(odd_style_dir, tiny_model, tmp_path / "runs", max_train_steps=2, checkpointing_steps=0,
+                           run_name="from-mlflow-run")
+    params = ["-P", f"config={config}"]
     for flag, value in zip(args[::2], args[1::2]):
-        params += ["-P", f"{flag[2:].replace('-', '_')}={value}"]
+        if flag != "--rank":
+            params += ["-P", f"{flag[2:].replace('-', '_')}={value}"]
     # `--env-manager local` runs the command with the `python` on PATH: the activated venv's
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, HF_HUB_OFFLINE="1",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     for leaked in ["MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"]:
         env.pop(leaked, None)  # mlflow.set_experiment in earlier in-process tests exports these
     mlflow_bin = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.run([str(mlflow_bin), "run", ".", "-e", "train", "--env-manager", "local",
-                           "--experiment-name", "test", *params], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([str(mlflow_bin), "run", ".", "-e", "train", "--env-manager", "local", *params],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["max_train_steps"] == "2" and "cost.train_seconds" in runs[0].data.metrics
+    (run,) = mlflow.search_runs(experiment_names=["test"], output_format="list")
+    assert run.info.status == "FINISHED" and run.info.run_name == "from-mlflow-run"
+    assert run.data.params["rank"] == "2" and run.data.params["max_train_steps"] == "2"
+    assert not any(k.startswith("resolved.") for k in run.data.params) and "cost.train_seconds" in run.data.metrics
+    launcher = mlflow.get_run(run.data.tags["mlflow.parentRunId"])
+    assert launcher.data.params["rank"] == "32" and run.info.run_id in launcher.data.tags["mlflow.note.content"]
+    assert mlflow.get_experiment_by_name("test").tags["mlflow.experimentKind"] == "custom_model_development"
