@@ -166,7 +166,6 @@ def record(results: dict, total: float) -> None:
     from research.tracking import Tracker
 
     run_dir = new_run_dir("runs", "study", "study")
-    run_dir.mkdir(parents=True)
     write_json(run_dir / "stages.json", results)
     tracker = Tracker(run_dir, "study", "study", {"experiment_kind": "study"})
     tracker.log_metrics({f"stage.{k}.seconds": v["seconds"] for k, v in results.items()} | {"study.seconds": total})

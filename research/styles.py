@@ -162,7 +162,6 @@ def styles(cfg: TrainConfig, data_root: Path, only: str = "", prompts_file: str 
 
     folders = style_folders(data_root, only)
     out = new_run_dir(cfg.output_dir, cfg.experiment, "styles")
-    out.mkdir(parents=True)
     client = mlflow.MlflowClient(tracking_uri())
     parent = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run -e styles` its run is the parent
     outer = parent
