@@ -297,13 +297,14 @@ def growth(bench: Bench) -> dict:
     """Seconds per step (steps 2..N, each timed, n = N-1) for each arm as one knob moves off the base point."""
     axes = {"dataset_size": bench.args.growth_dataset_sizes, "resolution": bench.args.growth_resolutions,
             "rank": bench.args.growth_ranks}
-    out = {}
+    out, point = {}, 0
     for axis, values in axes.items():
         out[axis] = {}
         for value in values:
             cfg = bench.config(bench.args.growth_steps, **{axis: value})
             out[axis][str(value)] = {}
-            for arm in ARMS:
+            point += 1
+            for arm in (ARMS if point % 2 else ARMS[::-1]):  # alternate which arm goes first
                 clock = StepClock(bench.device, cfg.max_train_steps, every_step=True)
                 run_dir = bench.tmp / f"growth-{arm}"
                 run_arm(arm, cfg, [clock], run_dir)

@@ -103,16 +103,23 @@ def _before_table(before: dict, after: dict) -> list[str]:
 def _growth_table(growth: dict) -> list[str]:
     lines = ["", "## Cost growth: seconds per step", "",
              "One knob moved at a time from the base point; each cell is the mean over the timed steps "
-             "(the first step excluded) with its interval; first-step time (load, cache, first step) after it.",
+             "(the first step excluded) with its interval; first-step time (load, cache, first step) after it. "
+             "Each point is one run per arm, back to back: compare the two arms within a row; rows ran minutes "
+             "apart, so on a loaded machine the load moves between rows (the base point appears in every knob).",
              "", "| knob | value | ours s/step | reference s/step | ours first step, s | reference first step, s |",
              "|---|---|---|---|---|---|"]
     for axis, points in growth.items():
-        for value, arms in points.items():
+        for value, arms in _by_value(points):
             lines.append(f"| {axis} | {value} | {fmt(arms['ours']['seconds_per_step'], digits=3)} | "
                          f"{fmt(arms['reference']['seconds_per_step'], digits=3)} | "
                          f"{arms['ours']['time_to_first_step_s']:.2f} | {arms['reference']['time_to_first_step_s']:.2f} |")
     lines += ["", "![growth](growth.png)"]
     return lines
+
+
+def _by_value(points: dict) -> list[tuple[str, dict]]:
+    """Growth points in numeric order (results.json stores the values as sorted string keys)."""
+    return sorted(points.items(), key=lambda kv: float(kv[0]))
 
 
 def growth_figure(growth: dict, path: Path) -> None:
@@ -122,6 +129,7 @@ def growth_figure(growth: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import FormatStrFormatter, NullLocator
 
     from research.figures import point_and_interval
 
@@ -129,16 +137,20 @@ def growth_figure(growth: dict, path: Path) -> None:
     colors = dict(zip(ARMS, sns.color_palette("colorblind", 2)))
     fig, axes = plt.subplots(1, len(growth), figsize=(3.2 * len(growth), 3), squeeze=False)
     for ax, (axis, points) in zip(axes[0], growth.items()):
-        xs = [float(v) for v in points]
+        xs = [float(v) for v, _ in _by_value(points)]
         for arm in ARMS:
-            sums = [points[v][arm]["seconds_per_step"] for v in points]
+            sums = [arms[arm]["seconds_per_step"] for _, arms in _by_value(points)]
             means = [s["mean"] for s in sums]
             point_and_interval(ax, xs, means, [s["ci95"][0] for s in sums], [s["ci95"][1] for s in sums],
                                colors[arm], label=arm)
             ax.plot(xs, means, color=colors[arm], linewidth=1)
-        ax.set(xscale="log", xlabel=axis.replace("_", " "), ylabel="seconds per step", ylim=(0, None))
+        ax.set(xscale="log", yscale="log", xlabel=axis.replace("_", " "), ylabel="seconds per step")
         ax.set_xticks(xs, [str(int(x)) for x in xs])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        lo, hi = ax.get_ylim()
+        if hi / lo < 10:  # within one decade there is no major tick to read the scale by: label the minor ones
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     axes[0][0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -184,8 +196,10 @@ def publish(report: dict, out_dir: Path, before: str = "", track: bool = True) -
         print(f"MLflow run {tracker.run_id} in experiment bench")
 
 
-if __name__ == "__main__":  # rebuild results.md from a results.json
+if __name__ == "__main__":  # rebuild results.md and growth.png from a results.json [and the --before one]
     path = Path(sys.argv[1])
+    results = json.loads(path.read_text())
     before_path = sys.argv[2] if len(sys.argv) > 2 else ""
-    text = markdown(json.loads(path.read_text()), json.loads(Path(before_path).read_text()) if before_path else None)
-    (path.parent / "results.md").write_text(text)
+    (path.parent / "results.md").write_text(markdown(results, json.loads(Path(before_path).read_text()) if before_path else None))
+    if "growth" in results:
+        growth_figure(results["growth"], path.parent / "growth.png")
