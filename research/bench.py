@@ -14,7 +14,7 @@ the threads in use, bf16 on GPU): model FLOP utilisation. Then: sampling and eva
 and time per step as the dataset, the resolution and the LoRA rank grow.
 
 Writes results.json, results.md and growth.png to --out-dir and one MLflow run in experiment `bench`.
-Every number is a mean over n rounds (or steps, or batches) with a 95% bootstrap interval.
+Every number is a mean over n rounds (or steps, or batches) with a 95% t-interval (research.metrics.stats.summarize).
 """
 
 from __future__ import annotations

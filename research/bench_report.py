@@ -28,7 +28,7 @@ def markdown(report: dict, before: dict | None = None) -> str:
     gpu = m["device"] == "cuda"
     lines = [
         "# `make bench` results", "",
-        f"Written by `python -m research.bench` on {m['date']}. Each cell: mean [95% bootstrap interval] (n).", "",
+        f"Written by `python -m research.bench` on {m['date']}. Each cell: mean [95% t-interval] (n).", "",
         f"- device: {m['device']} ({m['device_name']}), {m['threads']} thread(s) of {m['cpu_count']} cores; "
         f"torch {m['torch']}",
         f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in m['load_average'])}; after: "
