@@ -157,8 +157,9 @@ def objective_value(metrics: dict, objective: str, source: str = "metrics.json")
     """The objective from a run's metrics.json, by its flattened MLflow key (adapter.fid -> mean)."""
     flat = flatten_metrics(metrics)
     if objective not in flat:
+        choices = sorted(k for k in flat if not k.endswith((".ci95_lo", ".ci95_hi")))  # bounds are no objective
         raise ObjectiveError(f"Objective {objective!r} is not in {source}; pass --objectives with one of: "
-                             f"{', '.join(sorted(flat)) or '(none: the run computed no metric)'}.")
+                             f"{', '.join(choices) or '(none: the run computed no metric)'}.")
     return flat[objective]
 
 
