@@ -327,9 +327,14 @@ class Tracker:
         return experiment_id(name)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log the resolved config: the run is always our own, so these are the values that ran."""
-        if self.enabled:
-            self.mlflow.log_params({k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items()})
+        """Log the resolved config: the run is always our own, so these are the values that ran. A resumed
+        run reopens its MLflow run, whose params are already there (MLflow forbids changing one, and the
+        only ones a resume may change, such as --resume-from-checkpoint, do not change what trains)."""
+        if not self.enabled:
+            return
+        existing = self.mlflow.get_run(self.run_id).data.params
+        self.mlflow.log_params({k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in params.items()
+                                if k not in existing})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled and metrics:

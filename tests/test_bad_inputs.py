@@ -321,9 +321,12 @@ def mlflow_runs(store: str) -> list:
 def test_sigkill_then_resume_gives_the_same_bits_in_one_finished_mlflow_run(tiny_model, odd_style_dir, tmp_path):
     args = dict(max_train_steps=60, checkpointing_steps=4, log_every=4)
     straight = tmp_path / "straight"
-    assert main(tiny_train_args(odd_style_dir, tiny_model, straight, **args) + ["--no-tracking"]) == 0
-    expected = load_file(only_run(straight) / "checkpoints" / "pytorch_lora_weights.safetensors")
     store, out = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "killed"
+    # the uninterrupted run in a process like the others: same thread count, so the same float sums
+    reference = start_training(tiny_train_args(odd_style_dir, tiny_model, straight, **args) + ["--no-tracking"], store)
+    reference.communicate(timeout=600)  # reads the pipes, so a chatty run cannot block on them
+    assert reference.returncode == 0
+    expected = load_file(only_run(straight) / "checkpoints" / "pytorch_lora_weights.safetensors")
     proc = start_training(tiny_train_args(odd_style_dir, tiny_model, out, **args), store)
     run_dir = wait_for_state(out, proc, 8)
     proc.kill()
