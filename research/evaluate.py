@@ -92,6 +92,22 @@ def format_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def _previous_metrics(run_dir: Path) -> dict:
+    """The run's metrics.json (its training cost is kept); a damaged one stops before any image is redone."""
+    from research.data import DataError
+
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{path} is damaged; move it aside (its training cost is then lost) and run again.") from None
+    if not isinstance(old, dict):
+        raise DataError(f"{path} does not hold a JSON object; move it aside and run again.")
+    return old
+
+
 def _mlflow_run_for(run_dir: Path):
     import mlflow
 
@@ -108,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from research.data import DataError, style_folder_for
     from research.methods import get_method
     from research.models import ModelNotFoundError, load_pipeline, pick_device, pick_precision, weight_dtype
-    from research.sample import sample_run
+    from research.sample import check_saved_artifacts, sample_run
     from research.tracking import flatten_metrics, setup_logging, write_metrics
 
     parser = argparse.ArgumentParser(prog="python -m research.evaluate", description=__doc__,
@@ -125,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = apply_overrides(TrainConfig.from_json_file(run_dir / "config.json"), args, EVAL_FLAGS)
         data = style_folder_for(cfg)
+        old = _previous_metrics(run_dir)  # read before anything is overwritten
+        check_saved_artifacts(run_dir / "checkpoints")
         device = pick_device(cfg.device)
         pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
     except (ConfigError, DataError, ModelNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     samples = sample_run(run_dir, cfg, get_method(cfg), prompts=data.validation_prompts, base_pipe=pipe)
-    old = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "delta": {}, "cost": old.get("cost", {})}
     metrics.update(evaluate_samples(cfg, samples, [e.image for e in data.heldout], device))
     write_metrics(run_dir, metrics)

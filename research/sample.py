@@ -139,9 +139,44 @@ def sample_run(run_dir: Path, cfg, method, *, prompts: list[str], base_pipe) -> 
     return {"jobs": jobs, "baseline": baseline, "adapter": adapter}
 
 
+def run_prompts(run_dir: Path, cfg, prompts_file: str = "") -> list[str]:
+    """The prompts to re-sample a finished run with: a given file, else the ones the run itself used
+    (its manifest), else its style folder's; a run whose prompts cannot be found is refused, never
+    silently sampled with generic ones."""
+    from research.data import DataError, read_validation_prompts
+
+    manifest = run_dir / "inference" / MANIFEST
+    if not prompts_file and manifest.is_file():
+        try:
+            entries = json.loads(manifest.read_text(encoding="utf-8"))
+            return list(dict.fromkeys(e["prompt"] for e in entries))
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{manifest} is damaged; pass --validation-prompts-file with the prompts to use.") from None
+    if not prompts_file and not Path(cfg.style_dir).is_dir():
+        raise DataError(f"The run's style folder {cfg.style_dir} is gone and the run has no image manifest; pass "
+                        "--validation-prompts-file with the prompts to use.")
+    return read_validation_prompts(Path(cfg.style_dir), cfg.resolved_style_name(), prompts_file)
+
+
+def check_saved_artifacts(checkpoint_dir: Path) -> None:
+    """Read every adapter file in checkpoints/ before anything is sampled or overwritten: a truncated or
+    damaged file is one clear error, not a traceback halfway through re-sampling."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from research.data import DataError
+
+    for path in sorted(checkpoint_dir.glob("*.safetensors")):
+        try:
+            load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise DataError(f"{path} is damaged ({str(err).splitlines()[0][:80]}); re-train the run or restore the "
+                            "file from MLflow's artifacts.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     from research.config import ConfigError, TrainConfig, add_config_arguments, apply_overrides
-    from research.data import DataError, read_validation_prompts
+    from research.data import DataError
     from research.methods import get_method
     from research.models import ModelNotFoundError, load_pipeline, pick_device, pick_precision, weight_dtype
 
@@ -157,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = apply_overrides(TrainConfig.from_json_file(run_dir / "config.json"), args,
                               ["num_eval_images", "num_inference_steps", "guidance_scale", "sampler", "device"])
-        prompts = read_validation_prompts(Path(cfg.style_dir), cfg.resolved_style_name(),
-                                          args.validation_prompts_file or cfg.validation_prompts_file)
+        prompts = run_prompts(run_dir, cfg, args.validation_prompts_file)
+        check_saved_artifacts(run_dir / "checkpoints")
         device = pick_device(cfg.device)
         pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
     except (ConfigError, DataError, ModelNotFoundError) as err:

@@ -158,6 +158,10 @@ def test_mismatched_targets_are_one_sentence(runs, capsys):
     assert one_line_error(capsys.readouterr().err, "--unet-target-modules")
     assert blend.main(["--adapter-a", str(runs["a"]), "--adapter-b", "/nonexistent", "--no-tracking"]) == 2
     assert one_line_error(capsys.readouterr().err, "pass the folder of a finished LoRA run")
+    for weight in ("nan", "inf", "half"):  # a NaN weight once wrote an adapter with NaN in half its tensors
+        assert blend.main(["--adapter-a", str(runs["a"]), "--adapter-b", str(runs["b"]), "--export-weight", weight,
+                           "--weights", "none", "--no-tracking"]) == 2
+        assert one_line_error(capsys.readouterr().err, "--export-weight must be a finite number")
 
 
 @pytest.fixture(scope="module")

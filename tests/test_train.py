@@ -208,6 +208,44 @@ def test_evaluate_cli_regenerates_and_rescores(finished_run, tiny_clip, tmp_path
     assert len(list((run / "inference").glob("*.png"))) == 6
 
 
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.png")}
+
+
+def test_follow_up_commands_refuse_damaged_runs_before_touching_them(finished_run, tmp_path, capsys):
+    import shutil
+
+    from research import evaluate, sample
+
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name)
+    images = _snapshot(run / "inference")
+    (run / "metrics.json").write_text('{"adapter": ')  # cut short
+    assert evaluate.main(["--run-dir", str(run), "--metrics", "clip_score"]) == 2
+    assert one_line_error(capsys.readouterr().err, "metrics.json is damaged")
+    adapter = run / "checkpoints" / "pytorch_lora_weights.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-100])  # a copy cut short
+    assert sample.main(["--run-dir", str(run)]) == 2
+    assert one_line_error(capsys.readouterr().err, "is damaged")
+    assert _snapshot(run / "inference") == images  # nothing re-sampled, nothing overwritten
+
+
+def test_sample_reuses_the_runs_own_prompts_and_refuses_to_guess(finished_run, tmp_path, capsys):
+    import shutil
+
+    from research import sample
+
+    run = shutil.copytree(finished_run, tmp_path / finished_run.name)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "style_dir": str(tmp_path / "moved_away")}))
+    before = json.loads((run / "inference" / "manifest.json").read_text())
+    assert sample.main(["--run-dir", str(run), "--num-eval-images", "4"]) == 0
+    after = json.loads((run / "inference" / "manifest.json").read_text())
+    assert [e["prompt"] for e in after] == [e["prompt"] for e in before]  # the prompts it was evaluated on
+    (run / "inference" / "manifest.json").unlink()
+    assert sample.main(["--run-dir", str(run)]) == 2
+    assert one_line_error(capsys.readouterr().err, "--validation-prompts-file")
+
+
 def test_validation_images_are_logged_with_their_step(tiny_model, odd_style_dir, tmp_path, tracking_store):
     import mlflow
 
