@@ -252,6 +252,9 @@ class TrialRunner:
             self._finish_mlflow_run(trial, run_dir, "PRUNED")
             raise optuna.TrialPruned(str(err)) from None
         except Exception as err:  # KeyboardInterrupt is not an Exception: Ctrl-C still stops the study
+            if run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # refused before it started (research.train checks first): no stub folder
+                trial.set_user_attr("run_dir", "")
             self._finish_mlflow_run(trial, run_dir, "FAIL")
             trial.set_user_attr("error", f"{type(err).__name__}: {err}")
             if isinstance(err, STOP_ERRORS):

@@ -280,6 +280,11 @@ def test_objective_errors_are_one_sentence(study_dir, tiny_model, odd_style_dir,
     (trial,) = _study(out, "bad_objective").trials
     assert trial.state.name == "FAIL"
     assert [r.info.status for r in _children(out, "bad_objective")[0]] == ["FAILED"]
+    # a trial research.train refuses before it starts (a rank above the layers' size) leaves no stub folder
+    assert search.main(args + ["--rank-choices", "4096", "--study-name", "too_big"]) == 2
+    assert one_line_error(capsys.readouterr().err, "rank")
+    assert [t.state.name for t in _study(out, "too_big").trials] == ["FAIL"]  # it was a trial, refused by train
+    assert not [d for d in (out / "runs" / "exp2").iterdir() if d.is_dir() and not any(d.iterdir())]
     # --lora-alpha would undo "alpha follows rank"
     assert search.main(args + ["--lora-alpha", "16"]) == 2
     assert one_line_error(capsys.readouterr().err, "--lora-alpha-ratio")
