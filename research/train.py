@@ -602,7 +602,7 @@ def _start_records(cfg: TrainConfig, run_dir: Path, track: bool, tags: dict | No
 
 def _train_sample_evaluate(cfg: TrainConfig, run_dir: Path, tracker, prepared: Prepared, hooks=()) -> None:
     from research.sample import sample_run
-    from research.tracking import flatten_metrics, write_metrics
+    from research.tracking import FILE_ONLY, flatten_metrics, write_metrics
 
     tracker.log_params(cfg.to_dict())
     prompts = prepared.data.validation_prompts
@@ -619,7 +619,8 @@ def _train_sample_evaluate(cfg: TrainConfig, run_dir: Path, tracker, prepared: P
     log.info("evaluating %s against %d held-out images", cfg.metrics, len(result.data.heldout))
     metrics.update(evaluate_samples(cfg, samples, [e.image for e in result.data.heldout], device))
     write_metrics(run_dir, metrics)
-    log.info("metrics written to %s\n%s", run_dir / "metrics.json", format_table(metrics))
+    # logs.txt keeps the table; the console gets it once, from main()
+    log.info("metrics written to %s\n%s", run_dir / "metrics.json", format_table(metrics), extra=FILE_ONLY)
     tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
     # large full-model checkpoints (DreamBooth's UNet) stay once, in the run folder; MLflow gets the
     # pointer file the method writes beside them instead of a second multi-GB copy

@@ -333,6 +333,8 @@ def test_compute_metrics_end_to_end(tiny_clip, tmp_path):
         assert d["mean"] == pytest.approx(result["adapter"][name]["mean"] - result["baseline"][name]["mean"]), name
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1] and d["better"] in ("higher", "lower"), name
     assert result["delta"]["fid"]["better"] == "lower"
+    for name in ("oracle_style_accuracy", "oracle_content_accuracy"):  # a difference of fractions lies in [-1, 1]
+        assert -1 <= result["delta"][name]["ci95"][0] and result["delta"][name]["ci95"][1] <= 1, name
     # the same images as both arms: every paired difference is exactly zero, with a zero-width interval
     same = compute_metrics(adapter, adapter, prompts, synthetic_images(6, 3), seeds=seeds, clip_model=tiny_clip,
                            lpips_weights="random", metrics=["clip_score", "kid", "lpips_diversity"],

@@ -78,6 +78,7 @@ def test_run_folder_layout(finished_run, odd_style_dir):
     assert sorted(p.name for p in (finished_run / "thumbnails").glob("*.png")) == ["p00_strip.png", "p01_strip.png"]
     log = (finished_run / "logs.txt").read_text()
     assert "step 4/4 loss" in log
+    assert "sampling 4 images per arm" in log and "adapter - baseline" in log  # logs.txt covers evaluation too
     # the odd files were named and skipped, the odd ones used: 8 good + rgba, grey, palette, 16-bit, jpg, webp, bmp
     assert "corrupt.png" in log and "tiny.png" in log
     assert "12 training images, 3 held out" in log

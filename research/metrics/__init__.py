@@ -212,5 +212,6 @@ def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequ
             results[arm][name] = {**metric_interval(name, r), **extras}
         if "baseline" in arms:
             diff = reps["adapter"][0] - reps["baseline"][0]
-            results["delta"][name] = {**interval(diff), "better": BETTER[name]}
+            lo, hi = BOUNDS.get(name, UNBOUNDED)  # a difference of two values in [lo, hi] lies in [lo - hi, hi - lo]
+            results["delta"][name] = {**interval(diff, (lo - hi, hi - lo)), "better": BETTER[name]}
     return results
