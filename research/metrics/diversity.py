@@ -33,37 +33,44 @@ def lpips_distance(lpips_model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
     return lpips_model(x, y).flatten().cpu().double().numpy()
 
 
+def within_prompt_pairs(prompts) -> tuple[np.ndarray, np.ndarray]:
+    """Every pair (i, j) of images that share a prompt, as an [P, 2] index array, and each pair's prompt."""
+    by_prompt: dict = {}
+    for i, p in enumerate(list(prompts)):
+        by_prompt.setdefault(p, []).append(i)
+    pairs = np.array([(i, j) for idx in by_prompt.values() for i, j in combinations(idx, 2)], dtype=int).reshape(-1, 2)
+    return pairs, np.array([prompts[i] for i in pairs[:, 0]], dtype=object)
+
+
+def pair_distances(lpips_model: torch.nn.Module, pixels: torch.Tensor, pairs: np.ndarray,
+                   value_range: tuple[float, float]) -> np.ndarray:
+    """LPIPS of each pair (pixels[i], pixels[j]), PAIRS_PER_BATCH pairs per forward pass."""
+    if not len(pairs):
+        return np.zeros(0)
+    return np.concatenate([lpips_distance(lpips_model, pixels[pairs[s:s + PAIRS_PER_BATCH, 0]],
+                                          pixels[pairs[s:s + PAIRS_PER_BATCH, 1]], value_range)
+                           for s in range(0, len(pairs), PAIRS_PER_BATCH)])
+
+
 def lpips_diversity(images_by_prompt: Mapping[str, torch.Tensor], lpips_model: torch.nn.Module,
                     value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
     """Per prompt with ≥ 2 images, the mean LPIPS over all pairs of its images.
 
     The prompt, not the pair, is the unit of the interval: pairs of one prompt share images.
     """
-    groups = [imgs for imgs in images_by_prompt.values() if len(imgs) >= 2]
-    pairs = [(g, i, j) for g, imgs in enumerate(groups) for i, j in combinations(range(len(imgs)), 2)]
-    dists = []
-    for s in range(0, len(pairs), PAIRS_PER_BATCH):
-        chunk = pairs[s:s + PAIRS_PER_BATCH]
-        x = torch.stack([groups[g][i] for g, i, _ in chunk])
-        y = torch.stack([groups[g][j] for g, _, j in chunk])
-        dists.append(lpips_distance(lpips_model, x, y, value_range))
-    dists = np.concatenate(dists) if dists else np.zeros(0)
-    owner = np.array([g for g, _, _ in pairs], dtype=int)
-    return np.array([dists[owner == g].mean() for g in range(len(groups))])
+    prompts = [p for p, imgs in images_by_prompt.items() for _ in range(len(imgs))]
+    pixels = torch.cat([imgs for imgs in images_by_prompt.values()])
+    pairs, owner = within_prompt_pairs(prompts)
+    dists = pair_distances(lpips_model, pixels, pairs, value_range)
+    return np.array([dists[owner == p].mean() for p in dict.fromkeys(owner.tolist())])
 
 
 def lpips_diversity_replicates(pixels: torch.Tensor, design: Design, lpips_model: torch.nn.Module,
                                value_range: tuple[float, float] = (0.0, 255.0)) -> Replicates:
     """LPIPS diversity (mean over prompts of the mean distance between a prompt's images) as jackknife
     replicates: every pair is measured once, and a leave-out keeps the pairs whose two images it keeps."""
-    by_prompt: dict = {}
-    for i, p in enumerate(design.prompts.tolist()):
-        by_prompt.setdefault(p, []).append(i)
-    pairs = np.array([(i, j) for idx in by_prompt.values() for i, j in combinations(idx, 2)], dtype=int).reshape(-1, 2)
-    dists = np.concatenate([lpips_distance(lpips_model, pixels[pairs[s:s + PAIRS_PER_BATCH, 0]],
-                                           pixels[pairs[s:s + PAIRS_PER_BATCH, 1]], value_range)
-                            for s in range(0, len(pairs), PAIRS_PER_BATCH)]) if len(pairs) else np.zeros(0)
-    owner = np.array([design.prompts[i] for i in pairs[:, 0]], dtype=object)
+    pairs, owner = within_prompt_pairs(design.prompts.tolist())
+    dists = pair_distances(lpips_model, pixels, pairs, value_range)
 
     def statistic(g: np.ndarray, r: np.ndarray) -> float:
         kept = np.zeros(design.n, dtype=bool)
