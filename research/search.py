@@ -308,7 +308,7 @@ def open_storage(url: str, heartbeat: int, experiment: str):
                                               retry_stale_trial(experiment) if heartbeat else None))
     except ImportError as err:  # e.g. postgresql:// without its driver
         raise ConfigError(f"Storage {_safe_storage(url)} needs a database driver ({err.name or err}); "
-                          "install it, e.g. pip install psycopg2-binary for PostgreSQL.") from None
+                          "install it (PostgreSQL: pip install -r requirements.txt brings psycopg).") from None
 
 
 def _safe_storage(storage: str) -> str:

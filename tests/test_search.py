@@ -316,34 +316,43 @@ def test_search_figure_draws_from_mlflow(study_dir, tmp_path):
 
 # ─── many machines: a real PostgreSQL server, one worker killed mid-trial ────────────────────
 @pytest.fixture()
-def postgresql_url(tmp_path):
-    """A throwaway PostgreSQL server on 127.0.0.1 in tmp_path, stopped after the test."""
+def postgresql_url():
+    """A throwaway PostgreSQL server on 127.0.0.1, stopped and deleted after the test. initdb refuses
+    to run as root, so under root (CI containers) the server runs as the unprivileged user `nobody`."""
+    import os
     import shutil
     import socket
     import subprocess
+    import tempfile
 
     initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not on PATH: apt-get install postgresql")
     try:
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401  (SQLAlchemy 2.1's default PostgreSQL driver)
     except ImportError:
-        pytest.skip("no PostgreSQL driver for SQLAlchemy: pip install psycopg2-binary")
-    import os
-
+        pytest.skip("no PostgreSQL driver for SQLAlchemy: pip install -r requirements.txt")
+    as_user = []
+    home = Path(tempfile.mkdtemp(prefix="pg-"))  # not under tmp_path: `nobody` must reach it
     if os.geteuid() == 0:
-        pytest.skip("initdb refuses to run as root; run the slow tests as an ordinary user")
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            pytest.skip("running as root without `runuser` to start PostgreSQL as an unprivileged user")
+        as_user = [runuser, "-u", "nobody", "--"]
+        home.chmod(0o755)
+        shutil.chown(home, "nobody")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    data = tmp_path / "pgdata"
-    subprocess.run([initdb, "-D", str(data), "-U", "optuna", "--auth=trust"], check=True, capture_output=True)
-    subprocess.run([pg_ctl, "-D", str(data), "-l", str(tmp_path / "pg.log"), "-w", "start",
-                    "-o", f"-p {port} -h 127.0.0.1 -k {tmp_path}"], check=True, capture_output=True)
+    data = home / "pgdata"
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "optuna", "--auth=trust"], check=True, capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(home / "pg.log"), "-w", "start",
+                    "-o", f"-p {port} -h 127.0.0.1 -k {home}"], check=True, capture_output=True)
     try:
         yield f"postgresql://optuna@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -369,17 +378,18 @@ def test_postgresql_workers_survive_one_killed_mid_trial(postgresql_url, tiny_mo
     victim = workers[0]
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:  # wait until the victim is inside a trial, then kill it
+        while time.monotonic() < deadline:  # wait until the victim is training (its trial has a run), then kill it
             try:
                 trials = optuna.load_study(study_name="pg", storage=postgresql_url).trials
             except KeyError:  # the study is not created yet
                 trials = []
-            if any(t.state.name == "RUNNING" and t.user_attrs.get("worker", "").endswith(f"-{victim.pid}")
-                   for t in trials):
+            mine = [t.number for t in trials if t.state.name == "RUNNING"
+                    and t.user_attrs.get("worker", "").endswith(f"-{victim.pid}")]
+            if mine and _client(tmp_path).get_experiment_by_name("exp2") and any(r.data.tags.get("trial_number") == str(mine[0]) for r in _children(tmp_path, "pg")[0]):
                 break
             time.sleep(0.2)
         else:
-            pytest.fail("the first worker never started a trial")
+            pytest.fail("the first worker never started training a trial")
         victim.send_signal(signal.SIGKILL)
         assert workers[1].wait(timeout=600) == 0
     finally:
