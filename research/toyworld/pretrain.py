@@ -120,6 +120,14 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def cosine_steps(opt, lr: float, total: int, warmup: int, desc: str):
+    """(step, progress bar) for steps 0..total-1, the optimizer's rate set by `cosine_lr` before each."""
+    for step in (bar := tqdm(range(total), desc=desc, mininterval=10)):
+        for g in opt.param_groups:
+            g["lr"] = lr * cosine_lr(step, total, warmup)
+        yield step, bar
+
+
 def autocast(device: torch.device):
     # bf16 matmuls/convs on GPU (weights and optimizer stay fp32); CPU bf16 is slower, so fp32 there.
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -159,9 +167,7 @@ def train_clip(recipe: Recipe, tokenizer, device, workers: int):
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.1)
     gen = torch.Generator(device).manual_seed(1)
-    for step in (bar := tqdm(range(recipe.clip_steps), desc="clip", mininterval=10)):
-        for g in opt.param_groups:
-            g["lr"] = recipe.clip_lr * cosine_lr(step, recipe.clip_steps, 200)
+    for step, bar in cosine_steps(opt, recipe.clip_lr, recipe.clip_steps, 200, "clip"):
         idx = torch.randint(len(pixels), (recipe.clip_batch,), device=device, generator=gen)
         # A quarter of captions leave the style out, so content-only prompts still match their images.
         named = torch.rand(recipe.clip_batch, device=device, generator=gen) < 0.75
@@ -210,9 +216,7 @@ def train_vae(recipe: Recipe, device, workers: int):
     pixels = torch.from_numpy(data["images"]).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     gen = torch.Generator(device).manual_seed(2)
-    for step in (bar := tqdm(range(recipe.vae_steps), desc="vae", mininterval=10)):
-        for g in opt.param_groups:
-            g["lr"] = recipe.vae_lr * cosine_lr(step, recipe.vae_steps, 200)
+    for step, bar in cosine_steps(opt, recipe.vae_lr, recipe.vae_steps, 200, "vae"):
         idx = torch.randint(len(pixels), (recipe.vae_batch,), device=device, generator=gen)
         x = pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
         with autocast(device):
@@ -350,9 +354,7 @@ def train_oracle(recipe: Recipe, vae, device, workers: int) -> Oracle:
     opt = torch.optim.AdamW(oracle.parameters(), lr=recipe.oracle_lr, weight_decay=1e-4)
     gen = torch.Generator(device).manual_seed(4)
     oracle.train()
-    for step in (bar := tqdm(range(recipe.oracle_steps), desc="oracle", mininterval=10)):
-        for g in opt.param_groups:
-            g["lr"] = recipe.oracle_lr * cosine_lr(step, recipe.oracle_steps, 100)
+    for step, bar in cosine_steps(opt, recipe.oracle_lr, recipe.oracle_steps, 100, "oracle"):
         idx = torch.randint(len(pixels), (recipe.oracle_batch,), device=device, generator=gen)
         logits = oracle(_augment(pixels[idx], gen))
         loss = sum(F.cross_entropy(logits[h], targets[h][idx]) for h in HEADS)
