@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from research.benchmarking.evaluation_speed import time_evaluation
 from research.benchmarking.reference_loop import reference_train
@@ -140,9 +142,6 @@ class FlopCount:
         self.device, self.flops, self._stack = device, None, None
 
     def on_step(self, info, components) -> None:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        from torch.utils.flop_counter import FlopCounterMode
-
         if info.step == 1:
             self._stack = contextlib.ExitStack()
             if self.device.type == "cpu":  # FlopCounterMode has no formula for CPU fused attention: count its matmuls

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -155,8 +156,6 @@ def write_trials_csv(study, path: Path) -> Path:
 
 def draw_figures(study, out_dir: Path) -> list[Path]:
     """Optuna's own plots: history (or the Pareto front with several objectives) and intermediate values."""
-    import warnings
-
     import matplotlib  # deferred: plotting libraries load slowly and only the study's end draws
 
     matplotlib.use("Agg")

@@ -15,7 +15,6 @@ in MLflow experiment `study` (metrics stage.<name>.seconds). research/study.py i
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import subprocess
@@ -83,9 +82,6 @@ def first_style(args) -> Path:
 
 # ─── the stages' commands ───────────────────────────────────────────────────────────────────
 def styles_argv(args) -> list[str]:
-    if importlib.util.find_spec("research.styles") is None:
-        raise StageError("research.styles (Experiment I's driver) is not in this checkout; update it, "
-                         "or skip the stage with --skip styles.")
     return ["-m", "research.styles", "--config", args.config, "--data-root", args.data_root]
 
 

@@ -128,6 +128,15 @@ def cosine_steps(opt, lr: float, total: int, warmup: int, desc: str):
         yield step, bar
 
 
+def take_step(opt, loss: torch.Tensor, step: int, bar, digits: int = 4) -> None:
+    """Backward and update; the progress bar shows the loss every 100 steps (a host sync, so not every step)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if step % 100 == 0:
+        bar.set_postfix(loss=f"{loss.item():.{digits}f}")
+
+
 def autocast(device: torch.device):
     # bf16 matmuls/convs on GPU (weights and optimizer stay fp32); CPU bf16 is slower, so fp32 there.
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -178,11 +187,7 @@ def train_clip(recipe: Recipe, tokenizer, device, workers: int):
         same = (cap[:, None] == cap[None, :]) | ((scene_t[idx][:, None] == scene_t[idx][None, :]) & ~named[None, :] & ~named[:, None])
         target = same.float() / same.float().sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target.t() / target.t().sum(1, keepdim=True))) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        take_step(opt, loss, step, bar, digits=3)
     return model.eval()
 
 
@@ -224,11 +229,7 @@ def train_vae(recipe: Recipe, device, workers: int):
             recon = vae.decode(posterior.sample(generator=gen)).sample.float()
         # L1 keeps edges, outlines and halftone dots sharper than MSE alone would.
         loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + recipe.vae_kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        take_step(opt, loss, step, bar)
     vae.eval()
     with torch.no_grad():  # SD convention: scale latents to unit variance for the UNet
         x = pixels[:2048].permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -358,11 +359,7 @@ def train_oracle(recipe: Recipe, vae, device, workers: int) -> Oracle:
         idx = torch.randint(len(pixels), (recipe.oracle_batch,), device=device, generator=gen)
         logits = oracle(_augment(pixels[idx], gen))
         loss = sum(F.cross_entropy(logits[h], targets[h][idx]) for h in HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        take_step(opt, loss, step, bar)
     return oracle.eval()
 
 
