@@ -15,15 +15,26 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import matplotlib
+import mlflow
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))  # run as `python reports/blend_figure.py`: research/ must be importable
+sys.path.insert(0, str(HERE))  # and its sibling scripts, also when a test loads it from its path
+
+from research.atomic import save_figure  # noqa: E402
+from research.figures import METHOD_COLORS, metric_label, style_colors as colors_for  # noqa: E402
+from research.tracking import tracking_uri  # noqa: E402
+from study_runs import attach_figure, interval_row  # noqa: E402
 
 
 def find_run(experiment: str, run_dir: str = ""):
-    import mlflow
-
-    from research.tracking import tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri())
     flt = "attributes.status = 'FINISHED'" + (f" and tags.run_dir = '{run_dir}'" if run_dir else "")
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string=flt, output_format="list",
@@ -42,32 +53,18 @@ def load_rows(metrics: dict) -> list[dict]:
             if value.get("mean") is None:
                 continue
             base, side = (name[:-2], name[-1].upper()) if name.endswith(("_a", "_b")) else (name, "")
-            lo, hi = value.get("ci95") or [value["mean"]] * 2
-            rows.append(dict(t=t, metric=base, side=side, mean=value["mean"], n=value.get("n"),
-                             lo=value["mean"] if lo is None else lo, hi=value["mean"] if hi is None else hi))
+            rows.append(dict(t=t, metric=base, side=side, **interval_row(value)))
     return rows
 
 
 def side_colors(labels: dict[str, str], styles: dict[str, str], style_colors: dict[str, str] | None = None) -> dict:
     """A and B drawn in their styles' colours (the report's palette when given), the shared curves in the blend's."""
-    from research.figures import METHOD_COLORS, style_colors as colors_for
-
     palette = style_colors or colors_for(styles.values())
     return {"A": palette[styles["A"]], "B": palette[styles["B"]], "": METHOD_COLORS["lora_blend"]}
 
 
 def draw(rows: list[dict], grid: Path | None, out: Path, title: str, labels: dict[str, str],
          palette: dict[str, str]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
-    from research.atomic import save_figure
-    from research.figures import metric_label
-
     df = pd.DataFrame(rows)
     metrics = list(dict.fromkeys(df.metric)) if len(df) else []
     sns.set_theme(style="whitegrid", context="notebook")
@@ -107,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{' with run_dir ' + args.run_dir if args.run_dir else ''}; run `python -m research.blend` first.",
               file=sys.stderr)
         return 2
-    import mlflow
-
     run_id = run.info.run_id
     metrics = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="metrics.json")).read_text())
     try:
@@ -125,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = draw(rows, grid, Path(args.out or REPO / "reports" / "out" / f"{name}_blend.png"), name, labels,
                side_colors(labels, styles))
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_artifact(str(out), artifact_path="reports")
-    print(f"wrote {out}")
+    attach_figure(run_id, out)
     return 0
 
 

@@ -13,15 +13,26 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import matplotlib
+import mlflow
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))  # run as `python reports/metrics_figure.py`: research/ must be importable
+sys.path.insert(0, str(HERE))  # and its sibling scripts, also when a test loads it from its path
+
+from research.atomic import save_figure  # noqa: E402
+from research.figures import BASE_COLOR, METHOD_COLORS, point_and_interval  # noqa: E402
+from research.tracking import tracking_uri  # noqa: E402
+from study_runs import attach_figure, interval_row  # noqa: E402
 
 
 def load_rows(experiment: str) -> list[dict]:
-    import mlflow
-
-    from research.tracking import tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri())
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string="attributes.status = 'FINISHED'",
                               output_format="list")
@@ -34,24 +45,12 @@ def load_rows(experiment: str) -> list[dict]:
             for name, value in metrics.get(arm, {}).items():
                 if value.get("mean") is None:
                     continue
-                lo, hi = value.get("ci95") or [None, None]
                 rows.append(dict(run=label, run_id=run.info.run_id, start=run.info.start_time, arm=arm, metric=name,
-                                 mean=value["mean"], lo=lo if lo is not None else value["mean"],
-                                 hi=hi if hi is not None else value["mean"], n=value.get("n")))
+                                 **interval_row(value)))
     return rows
 
 
 def draw(rows: list[dict], out: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
-    from research.atomic import save_figure
-    from research.figures import BASE_COLOR, METHOD_COLORS, point_and_interval
-
     df = pd.DataFrame(rows)
     metrics = sorted(df.metric.unique())
     sns.set_theme(style="whitegrid", context="notebook")
@@ -88,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     out = draw(rows, Path(args.out or REPO / "reports" / "out" / f"{args.experiment}_metrics.png"), args.experiment)
-    import mlflow
-
-    newest = max(rows, key=lambda r: r["start"])["run_id"]
-    with mlflow.start_run(run_id=newest):
-        mlflow.log_artifact(str(out), artifact_path="reports")
-    print(f"wrote {out}")
+    attach_figure(max(rows, key=lambda r: r["start"])["run_id"], out)  # the newest run
     return 0
 
 

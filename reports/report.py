@@ -26,10 +26,12 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+import mlflow  # noqa: E402
 import sections  # noqa: E402
 import study_runs  # noqa: E402
 
 from research.atomic import write_text  # noqa: E402
+from research.tracking import Tracker, tracking_uri  # noqa: E402
 from research.figures import style_colors  # noqa: E402
 
 REPORT_EXPERIMENT = "report"
@@ -112,8 +114,6 @@ def page(all_sections: list[sections.Section], page_dir: Path, uri: str) -> str:
 
 # ─── MLflow record of the report ────────────────────────────────────────────────────────────
 def log_report(index: Path, figures: Path, all_sections: list[sections.Section]) -> str:
-    from research.tracking import Tracker
-
     sources = {s.key: ",".join(r.run_id for f in s.figures for r in f.runs) for s in all_sections}
     tracker = Tracker(index.parent, REPORT_EXPERIMENT, "report", {"experiment_kind": "report"})
     tracker.log_params({f"source_runs.{k}": (v[:480] + "…") if len(v) > 480 else v for k, v in sources.items()})
@@ -124,10 +124,6 @@ def log_report(index: Path, figures: Path, all_sections: list[sections.Section])
 
 
 def build(args) -> Path:
-    import mlflow
-
-    from research.tracking import tracking_uri
-
     mlflow.set_tracking_uri(tracking_uri())
     out = Path(args.out_dir)
     figures = out / "figures"

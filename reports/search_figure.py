@@ -16,9 +16,19 @@ import math
 import sys
 from pathlib import Path
 
+import mlflow
+import optuna
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from study_figures import plt, save_figure, sns, theme  # noqa: E402
+from study_runs import find_search, trial_state  # noqa: E402
+
+from research.figures import METHOD_COLORS, metric_label, point_and_interval  # noqa: E402
+from research.tracking import tracking_uri  # noqa: E402
 
 SEARCHED = [("rank", int, "LoRA rank"), ("max_train_steps", int, "training steps"),
             ("learning_rate", float, "learning rate"), ("lora_alpha", float, "LoRA alpha")]
@@ -27,8 +37,6 @@ STATE_STYLE = {"PRUNED": ("#949494", "x", "pruned"), "FAIL": ("#d55e00", "X", "f
 
 def trial_rows(trials) -> tuple[list[dict], list[str], list[str]]:
     """One row per trial: number, state, run id, searched params and each objective's value (+ interval)."""
-    from study_runs import trial_state
-
     if not trials:
         return [], [], []
     objectives = trials[0].tags.get("objective", "objective").split(",")
@@ -61,18 +69,12 @@ def best_row(rows: list[dict], objective: str, direction: str) -> dict | None:
 
 
 def _label(objective: str) -> str:
-    from research.figures import metric_label
-
     arm, _, metric = objective.partition(".")
     return f"{arm} {metric_label(metric)}" if metric else objective
 
 
 def draw_history(rows: list[dict], objective: str, direction: str, title: str, out: Path) -> Path:
     """Objective per trial in order, best-so-far as a step line, pruned and failed trials marked."""
-    from study_figures import plt, save_figure, theme
-
-    from research.figures import METHOD_COLORS, point_and_interval
-
     theme()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     done = [r for r in rows if r["state"] == "COMPLETE" and math.isfinite(r[objective])]
@@ -114,8 +116,6 @@ def lr_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
 
 def draw_surface(rows: list[dict], objective: str, title: str, out: Path) -> Path:
     """Objective (colour) over training steps x rank, one panel per learning-rate group."""
-    from study_figures import plt, save_figure, theme
-
     theme()
     groups = lr_groups(rows) or [("all trials", rows)]
     done = [r for r in rows if r["state"] == "COMPLETE" and math.isfinite(r[objective])]
@@ -149,9 +149,6 @@ def draw_surface(rows: list[dict], objective: str, title: str, out: Path) -> Pat
 
 def in_memory_study(rows: list[dict], objectives: list[str], directions: list[str]):
     """The complete trials as an optuna study, so optuna's own importance and Pareto code can run."""
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     names = searched_params(rows)
     done = [r for r in rows if r["state"] == "COMPLETE" and all(math.isfinite(r[o]) for o in objectives)]
@@ -173,8 +170,6 @@ def in_memory_study(rows: list[dict], objectives: list[str], directions: list[st
 
 def importances(rows: list[dict], objectives: list[str], directions: list[str]) -> dict[str, float]:
     """optuna's fANOVA importances of the searched params for the first objective ({} below 2 trials)."""
-    import optuna
-
     study = in_memory_study(rows, objectives, directions)
     if len(study.trials) < 2 or not searched_params(rows):
         return {}
@@ -185,8 +180,6 @@ def importances(rows: list[dict], objectives: list[str], directions: list[str]) 
 
 
 def draw_importances(values: dict[str, float], objective: str, n: int, title: str, out: Path) -> Path:
-    from study_figures import plt, save_figure, sns, theme
-
     theme()
     fig, ax = plt.subplots(figsize=(5.5, 0.5 * len(values) + 1.6))
     names = list(values)
@@ -200,8 +193,6 @@ def draw_importances(values: dict[str, float], objective: str, n: int, title: st
 
 def draw_pareto(rows: list[dict], objectives: list[str], directions: list[str], title: str, out: Path) -> Path:
     """The first two objectives of every complete trial, the Pareto-optimal ones joined and labelled."""
-    from study_figures import plt, save_figure, theme
-
     theme()
     study = in_memory_study(rows, objectives, directions)
     front = sorted(study.best_trials, key=lambda t: t.values[0])
@@ -236,10 +227,6 @@ def draw_all(rows: list[dict], objectives: list[str], directions: list[str], tit
 
 
 def main(argv: list[str] | None = None) -> int:
-    from study_runs import find_search
-
-    from research.tracking import tracking_uri
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study-name", "--study_name", dest="study_name", default="",
                         help="Optuna study name (the study_name tag of its MLflow runs); default the newest")
@@ -247,8 +234,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="history PNG (default reports/out/<study>_search.png); "
                                                   "the other figures are written beside it")
     args = parser.parse_args(argv)
-    import mlflow
-
     mlflow.set_tracking_uri(tracking_uri())
     found = find_search(args.experiment, args.study_name)
     rows, objectives, directions = trial_rows(found.runs)

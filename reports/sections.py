@@ -10,8 +10,10 @@ from pathlib import Path
 from PIL import Image
 
 import findings
+import mlflow
+from blend_figure import draw as draw_blend, load_rows as blend_rows, side_colors
+from search_figure import best_row, draw_all, importances, searched_params, trial_rows
 from study_figures import cost_bars, delta_panels, image_grid, titled_image
-from search_figure import best_row
 from study_runs import FILL_COMMANDS, Experiment, RunView, artifact, artifact_json
 
 from research.figures import BASE_COLOR, COST_LABELS, METHOD_COLORS, metric_label
@@ -130,8 +132,6 @@ def styles_section(found: Experiment, style_colors: dict[str, str], out: Path) -
 
 def _parent_grid(parent: RunView, out: Path) -> Path | None:
     """The style grid the styles driver logged on its parent run, when the children share no samples."""
-    import mlflow
-
     names = [a.path for a in mlflow.MlflowClient().list_artifacts(parent.run_id) if a.path.endswith(".png")]
     local = next((artifact(parent.run_id, n) for n in names if "grid" in n), None)
     return titled_image(local, f"Experiment I: style grid of run {parent.name}", "base model and each style", out) \
@@ -171,8 +171,6 @@ def compare_section(found: Experiment, out: Path) -> Section:
 
 # ─── Experiment IV ──────────────────────────────────────────────────────────────────────────
 def blend_section(found: Experiment, style_colors: dict[str, str], out: Path) -> Section:
-    from blend_figure import draw, load_rows, side_colors
-
     section = Section("exp4", "Experiment IV: blending two style LoRAs", found.experiment)
     if not found.runs:
         return missing(section, "blend", "Experiment IV")
@@ -186,12 +184,12 @@ def blend_section(found: Experiment, style_colors: dict[str, str], out: Path) ->
                             "blend weight t (columns: 0 = A only ... 1 = B only)", out / "exp4_strips.png")
         section.figures.append(Figure(path, f"Interpolation strips: A = {labels['A']} (t = 0) to B = {labels['B']} "
                                             "(t = 1), one seed per prompt row, same seeds in every column.", [run]))
-    rows = load_rows(metrics)
+    rows = blend_rows(metrics)
     if not rows:
         section.notices.append(f"Blend run {run.name} logged no metrics over t.")
         return section
     palette = side_colors(labels, styles, style_colors if set(styles.values()) <= set(style_colors) else None)
-    path = draw(rows, None, out / "exp4_curves.png", f"Experiment IV ({run.name})", labels, palette)
+    path = draw_blend(rows, None, out / "exp4_curves.png", f"Experiment IV ({run.name})", labels, palette)
     section.figures.append(Figure(path, "Curves over t: similarity to A's and to B's references, oracle style "
                                         "probabilities (toy world) and CLIP score, with 95% intervals.", [run]))
     section.findings = blend_findings(rows, labels)
@@ -211,8 +209,6 @@ def blend_findings(rows: list[dict], labels: dict[str, str]) -> list[str]:
 
 # ─── Experiment II ──────────────────────────────────────────────────────────────────────────
 def search_section(found: Experiment, out: Path) -> Section:
-    from search_figure import draw_all, importances, searched_params, trial_rows
-
     section = Section("exp2", "Experiment II: searching rank, steps and learning rate", found.experiment)
     if not found.runs:
         return missing(section, "search", "Experiment II")

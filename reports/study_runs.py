@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 
@@ -160,9 +161,22 @@ def artifact_json(run_id: str, path: str) -> dict:
     return json.loads(local.read_text()) if local is not None and local.is_file() else {}
 
 
+def interval_row(value: dict) -> dict:
+    """{"mean", "lo", "hi", "n"} of a metrics.json entry; a missing bound is the mean (no interval drawn)."""
+    mean = value["mean"]
+    lo, hi = value.get("ci95") or [None, None]
+    return {"mean": mean, "lo": mean if lo is None else lo, "hi": mean if hi is None else hi, "n": value.get("n")}
+
+
+def attach_figure(run_id: str, path: Path) -> None:
+    """Log a figure to the run it was drawn from (artifact folder reports/) and say where it is."""
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_artifact(str(path), artifact_path="reports")
+    print(f"wrote {path}")
+
+
 def safe_uri(uri: str) -> str:
     """The tracking URI without a password in it, for the page."""
-    from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(uri)
     if parts.password is None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import load_report
 from research import blend
+from research.experiments import blend_files, blend_math
 from research.atomic import write_json
 from research.config import TrainConfig
 from research.random_models import write_tiny_clip
@@ -89,27 +90,27 @@ def _pipe(model):
 
 
 def test_blended_delta_is_the_interpolation_of_the_deltas(runs):
-    a, b = blend.load_adapter(runs["a"]), blend.load_adapter(runs["b"] / "checkpoints")  # run or checkpoint folder
+    a, b = blend_files.load_adapter(runs["a"]), blend_files.load_adapter(runs["b"] / "checkpoints")  # run or checkpoint folder
     assert a.scale("unet") == 2.0 and b.scale("unet") == 0.5
     t = 0.3
-    tensors, meta = blend.blend_state_dict(a, b, t)
+    tensors, meta = blend_math.blend_state_dict(a, b, t)
     assert meta["unet.r"] == 6 and meta["unet.lora_alpha"] == 6.0
-    mixed = blend.Adapter("mix", Path("."), tensors, meta, a.cfg)
+    mixed = blend_math.Adapter("mix", Path("."), tensors, meta, a.cfg)
     for m in a.modules:
         expected = (1 - t) * a.delta(m) + t * b.delta(m)
         assert torch.allclose(mixed.delta(m), expected, atol=1e-5), m
 
 
 def test_exported_blend_equals_set_adapters_and_the_ends_are_a_and_b(runs, tiny_model, tmp_path):
-    a, b = blend.load_adapter(runs["a"]), blend.load_adapter(runs["b"])
+    a, b = blend_files.load_adapter(runs["a"]), blend_files.load_adapter(runs["b"])
     t = 0.3
-    blend.export_blend(a, b, t, tmp_path / "mix")
+    blend_files.export_blend(a, b, t, tmp_path / "mix")
     pipe = _pipe(tiny_model)
     base = _render(pipe)
-    pipe.load_lora_weights(str(runs["a"] / "checkpoints"), weight_name=blend.WEIGHT_NAME, adapter_name="a")
+    pipe.load_lora_weights(str(runs["a"] / "checkpoints"), weight_name=blend_files.WEIGHT_NAME, adapter_name="a")
     only_a = _render(pipe)
     pipe.set_adapters(["a"], adapter_weights=[0.0])
-    pipe.load_lora_weights(str(runs["b"] / "checkpoints"), weight_name=blend.WEIGHT_NAME, adapter_name="b")
+    pipe.load_lora_weights(str(runs["b"] / "checkpoints"), weight_name=blend_files.WEIGHT_NAME, adapter_name="b")
     pipe.set_adapters(["b"], adapter_weights=[1.0])
     only_b = _render(pipe)
     assert np.abs(only_a - base).max() > 1e-3 and np.abs(only_b - base).max() > 1e-3  # both really act
@@ -122,37 +123,37 @@ def test_exported_blend_equals_set_adapters_and_the_ends_are_a_and_b(runs, tiny_
 
     # the exported file, loaded plainly into a fresh pipeline, gives the set_adapters images
     fresh = _pipe(tiny_model)
-    fresh.load_lora_weights(str(tmp_path / "mix"), weight_name=blend.WEIGHT_NAME)
+    fresh.load_lora_weights(str(tmp_path / "mix"), weight_name=blend_files.WEIGHT_NAME)
     exported = _render(fresh)
     # equal up to float summation order (one rank-6 product vs two products), far below the blend's effect
     assert np.abs(exported - mixed).max() < 1e-3
     assert np.abs(mixed - only_a).max() > 2e-2 and np.abs(mixed - only_b).max() > 2e-2
 
-    kohya = load_file(tmp_path / "mix" / blend.KOHYA_NAME)
+    kohya = load_file(tmp_path / "mix" / blend_files.KOHYA_NAME)
     alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
     assert alphas == {6.0}  # alpha = rank: the kohya loaders' scale is 1 too
 
 
 def test_exported_conv_blend_equals_set_adapters(runs, tiny_model, tmp_path):
-    a, b = blend.load_adapter(runs["conv_a"]), blend.load_adapter(runs["conv_b"])
-    assert any(a.tensors[m + blend.DOWN].dim() == 4 for m in a.modules)  # conv kernels are really adapted
-    blend.export_blend(a, b, 0.6, tmp_path / "mix")
+    a, b = blend_files.load_adapter(runs["conv_a"]), blend_files.load_adapter(runs["conv_b"])
+    assert any(a.tensors[m + blend_math.DOWN].dim() == 4 for m in a.modules)  # conv kernels are really adapted
+    blend_files.export_blend(a, b, 0.6, tmp_path / "mix")
     pipe = _pipe(tiny_model)
     base = _render(pipe)
     for name in ("conv_a", "conv_b"):
-        pipe.load_lora_weights(str(runs[name] / "checkpoints"), weight_name=blend.WEIGHT_NAME, adapter_name=name)
+        pipe.load_lora_weights(str(runs[name] / "checkpoints"), weight_name=blend_files.WEIGHT_NAME, adapter_name=name)
     pipe.set_adapters(["conv_a", "conv_b"], adapter_weights=[0.4, 0.6])
     mixed = _render(pipe)
     fresh = _pipe(tiny_model)
-    fresh.load_lora_weights(str(tmp_path / "mix"), weight_name=blend.WEIGHT_NAME)
+    fresh.load_lora_weights(str(tmp_path / "mix"), weight_name=blend_files.WEIGHT_NAME)
     assert np.abs(mixed - base).max() > 2e-2
     assert np.abs(_render(fresh) - mixed).max() < 1e-3
 
 
 def test_mismatched_targets_are_one_sentence(runs, capsys):
-    a, q = blend.load_adapter(runs["a"]), blend.load_adapter(runs["q_only"])
-    with pytest.raises(blend.BlendError, match="target different modules"):
-        blend.blend_state_dict(a, q, 0.5)
+    a, q = blend_files.load_adapter(runs["a"]), blend_files.load_adapter(runs["q_only"])
+    with pytest.raises(blend_math.BlendError, match="target different modules"):
+        blend_math.blend_state_dict(a, q, 0.5)
     assert blend.main(["--adapter-a", str(runs["a"]), "--adapter-b", str(runs["q_only"]), "--export-weight", "0.5",
                        "--weights", "none", "--no-tracking"]) == 2
     assert one_line_error(capsys.readouterr().err, "--unet-target-modules")
@@ -201,7 +202,7 @@ def test_blend_run_writes_images_grids_metrics_and_adapter(blend_run):
         assert {"clip_score", "style_similarity_a", "style_similarity_b", "oracle_style_accuracy_a",
                 "oracle_style_prob_a", "oracle_style_prob_b"} <= set(metrics[t]), metrics[t].keys()
         assert 0 <= metrics[t]["oracle_style_prob_a"]["mean"] <= 1
-    assert (run_dir / "checkpoints" / blend.WEIGHT_NAME).is_file() and (run_dir / "checkpoints" / blend.KOHYA_NAME).is_file()
+    assert (run_dir / "checkpoints" / blend_files.WEIGHT_NAME).is_file() and (run_dir / "checkpoints" / blend_files.KOHYA_NAME).is_file()
 
 
 def test_blend_run_is_one_mlflow_run_in_exp4(blend_run):

@@ -136,16 +136,17 @@ def test_text_encoder_adapter_loads_from_both_files_with_the_same_image(te_runs,
 
 
 def test_text_encoder_adapters_blend(te_runs, tmp_path):
-    from research import blend
+    from research.experiments.blend_files import export_blend, load_adapter
+    from research.experiments.blend_math import Adapter, blend_state_dict
 
-    a, b = blend.load_adapter(te_runs[0]), blend.load_adapter(te_runs[1])
+    a, b = load_adapter(te_runs[0]), load_adapter(te_runs[1])
     assert any(m.startswith("text_encoder.") for m in a.modules)
     for t in (0.0, 0.3, 1.0):
-        mixed_tensors, meta = blend.blend_state_dict(a, b, t)
-        mixed = blend.Adapter("mix", tmp_path, mixed_tensors, meta, a.cfg)
+        mixed_tensors, meta = blend_state_dict(a, b, t)
+        mixed = Adapter("mix", tmp_path, mixed_tensors, meta, a.cfg)
         for m in a.modules:
             assert torch.allclose(mixed.delta(m), (1 - t) * a.delta(m) + t * b.delta(m), atol=1e-5), m
-    files = blend.export_blend(a, b, 0.5, tmp_path / "export")
+    files = export_blend(a, b, 0.5, tmp_path / "export")
     assert all(p.is_file() for p in files)
 
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_train_args
-from research import compare as compare_module
+from research import compare as compare_cli
+from research.experiments import method_comparison as compare_module
 from research.config import config_from_args
 from research.random_models import write_tiny_clip
 from research.train import build_parser, train
@@ -174,7 +175,7 @@ def test_compare_trains_all_methods_on_one_budget(tiny_model, odd_style_dir, tmp
     args = tiny_train_args(odd_style_dir, tiny_model, tmp_path / "runs", max_train_steps=2, checkpointing_steps=0,
                            metrics="clip_score", clip_model=clip, experiment="exp3")
     # one process: the fresh-process default costs ~15 s of imports per method on 2 cores
-    assert compare_module.main(args + ["--num-vectors", "2", "--fresh-processes", "false"]) == 0
+    assert compare_cli.main(args + ["--num-vectors", "2", "--fresh-processes", "false"]) == 0
     out = capsys.readouterr().out
     (folder,) = (tmp_path / "runs" / "exp3").glob("*_compare")
     result = json.loads((folder / "comparison.json").read_text())
@@ -218,6 +219,6 @@ def test_a_failed_method_is_reported_and_the_others_run(tiny_model, odd_style_di
 
 
 def test_compare_rejects_unknown_methods_in_one_line(odd_style_dir, tiny_model, tmp_path, capsys):
-    assert compare_module.main(tiny_train_args(odd_style_dir, tiny_model, tmp_path) + ["--methods", "lora,nope"]) == 2
+    assert compare_cli.main(tiny_train_args(odd_style_dir, tiny_model, tmp_path) + ["--methods", "lora,nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --methods must list") and "dreambooth" in err

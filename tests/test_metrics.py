@@ -9,7 +9,8 @@ import pytest
 import torch
 from cleanfid.fid import frechet_distance, kernel_distance
 
-from research.bench_eval import synthetic_images, write_tiny_clip
+from research.benchmarking.evaluation_speed import synthetic_images
+from research.random_models import write_tiny_clip
 from research.metrics import METRICS, compute_metrics
 from research.metrics.alignment import clip_score, style_similarity
 from research.metrics.backbones import MissingWeightsError, load_clip, load_inception, load_lpips

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import load_report, tiny_train_args
 from research import search
+from research.experiments import hyperparameter_search
 from research import train as train_module
 from research.random_models import write_tiny_clip
 
@@ -172,7 +173,7 @@ def test_alpha_follows_rank_and_the_ratio_can_be_searched():
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(8):
         trial = study.ask()
-        params = search.suggest(trial, space)
+        params = hyperparameter_search.suggest(trial, space)
         assert params["lora_alpha"] == params["rank"] * trial.params["lora_alpha_ratio"]
         assert 10 <= params["max_train_steps"] <= 100
     dists = trial.distributions
@@ -194,8 +195,8 @@ def test_grid_enumerates_exactly_the_configured_grid(tiny_model, odd_style_dir, 
 
 def test_original_grid_is_the_default_grid():
     args = search.build_parser().parse_args(["--search-sampler", "grid"])
-    space = search.search_space(args, "grid", "lora")
-    assert search.grid_of(space) == {"rank": [16, 32, 64, 128], "max_train_steps": [500, 1000, 1500, 2000],
+    space = hyperparameter_search.search_space(args, "grid", "lora")
+    assert hyperparameter_search.grid_of(space) == {"rank": [16, 32, 64, 128], "max_train_steps": [500, 1000, 1500, 2000],
                                      "learning_rate": [1e-4, 5e-4]}
 
 
@@ -203,7 +204,7 @@ def test_pruning_stops_the_trial_whose_intermediate_value_is_worst(tiny_model, o
                                                                     monkeypatch):
     """Three trials score 0.5-0.7 at step 2, the fourth 0.1: the median pruner stops the fourth there."""
     scores = iter([0.5, 0.6, 0.7, 0.1])
-    monkeypatch.setattr(search, "intermediate_score", lambda *a, **k: next(scores))
+    monkeypatch.setattr(hyperparameter_search, "intermediate_score", lambda *a, **k: next(scores))
     args = search_args(odd_style_dir, tiny_model, tiny_clip, out, 4, study="prune", steps_range="4,4",
                        report_every=2, pruner="median", prune_images=2)
     assert search.main(args) == 0
@@ -229,12 +230,12 @@ def test_intermediate_score_is_the_adapter_metric_alone_and_nan_without_its_back
     refs, shots = images[:4], images[4:8]
     jobs = plan_jobs(["a striped card", "a red card"], len(shots), 3)
     cfg = TrainConfig(clip_model=str(tiny_clip), device="cpu", seed=3)
-    value = search.intermediate_score(cfg, shots, jobs, refs, "style_similarity", "cpu")
+    value = hyperparameter_search.intermediate_score(cfg, shots, jobs, refs, "style_similarity", "cpu")
     expected = compute_metrics(shots, None, [j.prompt for j in jobs], refs, metrics=["style_similarity"],
                                clip_model=str(tiny_clip), seed=3, progress=False)["adapter"]["style_similarity"]
     assert math.isfinite(value) and value == pytest.approx(expected["mean"])
     missing = TrainConfig(clip_model=str(odd_style_dir / "no-clip-here"), device="cpu")
-    assert math.isnan(search.intermediate_score(missing, shots, jobs, refs, "style_similarity", "cpu"))
+    assert math.isnan(hyperparameter_search.intermediate_score(missing, shots, jobs, refs, "style_similarity", "cpu"))
 
 
 def test_several_objectives_use_nsga2_and_report_the_pareto_front(tiny_model, odd_style_dir, tiny_clip, out,
@@ -292,11 +293,11 @@ def test_objective_errors_are_one_sentence(study_dir, tiny_model, odd_style_dir,
 
 def test_objective_value_reads_flattened_keys():
     metrics = {"n_images": 4, "adapter": {"fid": {"mean": 3.0, "ci95": [2, 4], "n": 4}}, "cost": {"train_seconds": 1.5}}
-    assert search.objective_value(metrics, "adapter.fid") == 3.0
-    assert search.objective_value(metrics, "cost.train_seconds") == 1.5
-    with pytest.raises(search.ObjectiveError, match="one of: adapter.fid, cost.train_seconds, n_images"):
-        search.objective_value(metrics, "adapter.style_similarity")
-    assert search.resolve_directions(["adapter.fid", "adapter.oracle_style_accuracy"], "auto") == ["minimize", "maximize"]
+    assert hyperparameter_search.objective_value(metrics, "adapter.fid") == 3.0
+    assert hyperparameter_search.objective_value(metrics, "cost.train_seconds") == 1.5
+    with pytest.raises(hyperparameter_search.ObjectiveError, match="one of: adapter.fid, cost.train_seconds, n_images"):
+        hyperparameter_search.objective_value(metrics, "adapter.style_similarity")
+    assert hyperparameter_search.resolve_directions(["adapter.fid", "adapter.oracle_style_accuracy"], "auto") == ["minimize", "maximize"]
 
 
 def test_search_figure_draws_from_mlflow(study_dir, tmp_path):

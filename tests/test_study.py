@@ -7,6 +7,7 @@ import importlib
 import pytest
 
 from research import study
+from research.experiments import study as study_stages
 
 
 def args_for(tmp_path, *extra):
@@ -18,17 +19,17 @@ def args_for(tmp_path, *extra):
 def fake_stage(name, done=False, fails=False, error=None):
     def argv(args):
         if error:
-            raise study.StageError(error)
+            raise study_stages.StageError(error)
         return [name, "--fail" if fails else "--ok"]
 
-    return study.Stage(name, argv, lambda args: done)
+    return study_stages.Stage(name, argv, lambda args: done)
 
 
 def test_stages_run_in_order_skip_what_mlflow_holds_and_go_on_after_a_failure(tmp_path, capsys):
     stages = [fake_stage("styles", done=True), fake_stage("search", fails=True),
               fake_stage("blend", error="needs two adapters"), fake_stage("report")]
     ran = []
-    results = study.run_study(args_for(tmp_path), stages, runner=lambda argv: ran.append(argv) or ("--fail" in argv))
+    results = study_stages.run_study(args_for(tmp_path), stages, runner=lambda argv: ran.append(argv) or ("--fail" in argv))
     assert [a[0] for a in ran] == ["search", "report"]
     assert {k: v["status"] for k, v in results.items()} == {"styles": "skipped", "search": "failed",
                                                            "blend": "not run", "report": "done"}
@@ -37,7 +38,7 @@ def test_stages_run_in_order_skip_what_mlflow_holds_and_go_on_after_a_failure(tm
     assert "[4/4] report: done in 0 s" in out
     # --force redoes a stage MLflow already holds; --skip leaves one out
     ran.clear()
-    study.run_study(args_for(tmp_path / "again", "--force", "styles", "--skip", "search,blend"), stages,
+    study_stages.run_study(args_for(tmp_path / "again", "--force", "styles", "--skip", "search,blend"), stages,
                     runner=lambda argv: ran.append(argv) or 0)
     assert [a[0] for a in ran] == ["styles", "report"]
 
@@ -45,19 +46,15 @@ def test_stages_run_in_order_skip_what_mlflow_holds_and_go_on_after_a_failure(tm
 def test_stage_commands_parse_with_their_modules_flags(tmp_path, monkeypatch):
     """Each stage's argv is accepted by the module it calls (catches a renamed flag after a merge)."""
     args = args_for(tmp_path)
-    monkeypatch.setattr(study, "style_adapters", lambda: {"comic": "runs/exp1/c", "pastel": "runs/exp1/p"})
-    for stage in study.STAGE_TABLE:
+    monkeypatch.setattr(study_stages, "style_adapters", lambda: {"comic": "runs/exp1/c", "pastel": "runs/exp1/p"})
+    for stage in study_stages.STAGE_TABLE:
         if stage.name == "report":
             continue
-        try:
-            argv = stage.argv(args)
-        except study.StageError as err:
-            assert stage.name == "styles" and "research.styles" in str(err)  # the driver not merged yet
-            continue
+        argv = stage.argv(args)
         module = importlib.import_module(argv[1])
         module.build_parser().parse_args(argv[2:])
-    assert study.search_argv(args)[study.search_argv(args).index("--style-dir") + 1].endswith("comic")
-    assert study.blend_argv(args)[-4:] == ["--adapter-a", "runs/exp1/c", "--adapter-b", "runs/exp1/p"]
+    assert study_stages.search_argv(args)[study_stages.search_argv(args).index("--style-dir") + 1].endswith("comic")
+    assert study_stages.blend_argv(args)[-4:] == ["--adapter-a", "runs/exp1/c", "--adapter-b", "runs/exp1/p"]
 
 
 def test_blend_stage_takes_two_style_adapters_from_mlflow(tracking_store, tmp_path):
@@ -65,25 +62,25 @@ def test_blend_stage_takes_two_style_adapters_from_mlflow(tracking_store, tmp_pa
 
     mlflow.set_tracking_uri(tracking_store)
     args = args_for(tmp_path)
-    with pytest.raises(study.StageError, match="two Experiment-I adapters"):
-        study.blend_argv(args)
+    with pytest.raises(study_stages.StageError, match="two Experiment-I adapters"):
+        study_stages.blend_argv(args)
     mlflow.set_experiment("exp1")
     for style in ["vivid", "comic", "comic"]:  # newest comic run wins
         folder = tmp_path / "runs" / f"{style}{len(list(tmp_path.glob('runs/*')))}"
         folder.mkdir(parents=True)
         with mlflow.start_run(tags={"style": style, "method": "lora", "run_dir": str(folder)}):
             pass
-    argv = study.blend_argv(args)
+    argv = study_stages.blend_argv(args)
     assert argv[argv.index("--adapter-a") + 1].endswith("comic2") and argv[argv.index("--adapter-b") + 1].endswith("vivid0")
-    assert study.STAGE_TABLE[3].done(args) is False
+    assert study_stages.STAGE_TABLE[3].done(args) is False
 
 
 def test_main_prints_the_stage_table_and_records_a_study_run(tracking_store, tmp_path, monkeypatch, capsys):
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(study, "STAGE_TABLE", [fake_stage("styles"), fake_stage("report", fails=True)])
-    monkeypatch.setattr(study, "run_command", lambda argv: int("--fail" in argv))
+    monkeypatch.setattr(study_stages, "STAGE_TABLE", [fake_stage("styles"), fake_stage("report", fails=True)])
+    monkeypatch.setattr(study_stages, "run_command", lambda argv: int("--fail" in argv))
     config = tmp_path / "c.json"
     config.write_text("{}")
     (tmp_path / "data" / "pastel").mkdir(parents=True)

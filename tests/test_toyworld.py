@@ -11,7 +11,8 @@ import torch
 
 from research.toyworld import CLIP_DIR, ORACLE_DIR, SD_DIR
 from research.toyworld.generate import generate_style_folder
-from research.toyworld.scenes import ALL_SCENES, HELDOUT_SCENES, TRAIN_SCENES, Scene, caption, parse_caption, render
+from research.toyworld.render import render
+from research.toyworld.scenes import ALL_SCENES, HELDOUT_SCENES, TRAIN_SCENES, Scene, caption, parse_caption
 from research.toyworld.styles import STYLES
 
 TEST_SEED = 900_000_000  # seeds at and above this are never used in pretraining

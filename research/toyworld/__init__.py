@@ -1,4 +1,10 @@
-"""The toy world: procedural styled scenes, and the tiny SD / CLIP / oracle pretrained on them (see shared/DESIGN.md §2)."""
+"""The toy world: procedural styled scenes, and the tiny SD / CLIP / oracle pretrained on them (see shared/DESIGN.md §2).
+
+    scenes -> styles -> render     content and layout, the four looks that paint a layout, the image
+    generate                       style folders of rendered scenes (data/toy/<style>/)
+    tokenizer, oracle              the word-level tokenizer; the classifier that judges style and content
+    pretrain, check                pretraining the tiny models from scratch; judging a base model
+"""
 
 from pathlib import Path
 

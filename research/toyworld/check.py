@@ -15,19 +15,19 @@ import json
 import sys
 from pathlib import Path
 
+from research.atomic import write_json
+from research.config import TOY_CONFIG, TrainConfig
+from research.metrics.oracle import class_index, oracle_content_accuracy, oracle_style_accuracy
+from research.metrics.stats import summarize
+from research.models import load_pipeline, make_sampler
+from research.sample import generate, plan_jobs
 from research.toyworld import ORACLE_DIR, SD_DIR
+from research.toyworld.oracle import Oracle
 from research.toyworld.scenes import HELDOUT_SCENES, caption, parse_caption
 
 
 def judge_base_model(sd_dir: Path, oracle_dir: Path = ORACLE_DIR, num_images: int = 64, seed: int | None = None) -> dict:
     """Oracle verdicts on the base model's images of the held-out prompts, as {name: {mean, ci95, n}}."""
-    from research.config import TOY_CONFIG, TrainConfig
-    from research.metrics.oracle import class_index, oracle_content_accuracy, oracle_style_accuracy
-    from research.metrics.stats import summarize
-    from research.models import load_pipeline, make_sampler
-    from research.sample import generate, plan_jobs
-    from research.toyworld.oracle import Oracle
-
     cfg = TrainConfig.from_dict(json.loads(TOY_CONFIG.read_text()), source=str(TOY_CONFIG))
     pipe = make_sampler(load_pipeline(str(sd_dir)), cfg.sampler)
     pipe.set_progress_bar_config(disable=True)
@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:>10}: {value['mean']:.3f}  [{value['ci95'][0]:.3f}, {value['ci95'][1]:.3f}]  n={value['n']}")
     print(f"{'styles':>10}: {result['style_counts']}")
     if args.json:
-        from research.atomic import write_json
-
         write_json(args.json, result)
     return 0
 

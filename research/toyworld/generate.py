@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from research.toyworld.scenes import HELDOUT_SCENES, TRAIN_SCENES, caption, render
+from research.toyworld.render import render
+from research.toyworld.scenes import HELDOUT_SCENES, TRAIN_SCENES, caption
 from research.toyworld.styles import STYLES
 
 IMAGES_PER_STYLE = 288  # ~2 layouts of each of the 134 training triples: a LoRA on 96 kept far less content (48% vs 69%)

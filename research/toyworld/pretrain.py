@@ -31,10 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
 from research.toyworld.oracle import HEADS, Oracle
-from research.toyworld.scenes import ALL_SCENES, BACKGROUNDS, COLOURS, SHAPES, TRAIN_SCENES, caption, render
+from research.toyworld.render import render
+from research.toyworld.scenes import ALL_SCENES, BACKGROUNDS, COLOURS, SHAPES, TRAIN_SCENES, caption
 from research.toyworld.styles import STYLES
 from research.toyworld.tokenizer import build_tokenizer
 
@@ -116,6 +120,23 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def cosine_steps(opt, lr: float, total: int, warmup: int, desc: str):
+    """(step, progress bar) for steps 0..total-1, the optimizer's rate set by `cosine_lr` before each."""
+    for step in (bar := tqdm(range(total), desc=desc, mininterval=10)):
+        for g in opt.param_groups:
+            g["lr"] = lr * cosine_lr(step, total, warmup)
+        yield step, bar
+
+
+def take_step(opt, loss: torch.Tensor, step: int, bar, digits: int = 4) -> None:
+    """Backward and update; the progress bar shows the loss every 100 steps (a host sync, so not every step)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if step % 100 == 0:
+        bar.set_postfix(loss=f"{loss.item():.{digits}f}")
+
+
 def autocast(device: torch.device):
     # bf16 matmuls/convs on GPU (weights and optimizer stay fp32); CPU bf16 is slower, so fp32 there.
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -134,8 +155,6 @@ def atomic_save(target: Path, save_fn) -> None:
 
 # ----------------------------------------------------------------------------- CLIP
 def train_clip(recipe: Recipe, tokenizer, device, workers: int):
-    from transformers import CLIPConfig, CLIPModel
-
     torch.manual_seed(1)
     config = CLIPConfig(
         text_config=dict(
@@ -157,9 +176,7 @@ def train_clip(recipe: Recipe, tokenizer, device, workers: int):
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.1)
     gen = torch.Generator(device).manual_seed(1)
-    for step in (bar := tqdm(range(recipe.clip_steps), desc="clip", mininterval=10)):
-        for g in opt.param_groups:
-            g["lr"] = recipe.clip_lr * cosine_lr(step, recipe.clip_steps, 200)
+    for step, bar in cosine_steps(opt, recipe.clip_lr, recipe.clip_steps, 200, "clip"):
         idx = torch.randint(len(pixels), (recipe.clip_batch,), device=device, generator=gen)
         # A quarter of captions leave the style out, so content-only prompts still match their images.
         named = torch.rand(recipe.clip_batch, device=device, generator=gen) < 0.75
@@ -170,17 +187,11 @@ def train_clip(recipe: Recipe, tokenizer, device, workers: int):
         same = (cap[:, None] == cap[None, :]) | ((scene_t[idx][:, None] == scene_t[idx][None, :]) & ~named[None, :] & ~named[:, None])
         target = same.float() / same.float().sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target.t() / target.t().sum(1, keepdim=True))) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        take_step(opt, loss, step, bar, digits=3)
     return model.eval()
 
 
 def save_clip(model, tokenizer, path: Path) -> None:
-    from transformers import CLIPImageProcessor
-
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     CLIPImageProcessor(
@@ -189,8 +200,6 @@ def save_clip(model, tokenizer, path: Path) -> None:
 
 
 def text_encoder_from_clip(clip):
-    from transformers import CLIPTextModel
-
     text = CLIPTextModel(clip.config.text_config)
     # transformers 5 flattened CLIPTextModel; older versions wrap the same transformer in `.text_model`.
     getattr(text, "text_model", text).load_state_dict(clip.text_model.state_dict())
@@ -199,8 +208,6 @@ def text_encoder_from_clip(clip):
 
 # ----------------------------------------------------------------------------- VAE
 def make_vae():
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, block_out_channels=(32, 64, 64),
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
@@ -214,9 +221,7 @@ def train_vae(recipe: Recipe, device, workers: int):
     pixels = torch.from_numpy(data["images"]).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     gen = torch.Generator(device).manual_seed(2)
-    for step in (bar := tqdm(range(recipe.vae_steps), desc="vae", mininterval=10)):
-        for g in opt.param_groups:
-            g["lr"] = recipe.vae_lr * cosine_lr(step, recipe.vae_steps, 200)
+    for step, bar in cosine_steps(opt, recipe.vae_lr, recipe.vae_steps, 200, "vae"):
         idx = torch.randint(len(pixels), (recipe.vae_batch,), device=device, generator=gen)
         x = pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
         with autocast(device):
@@ -224,11 +229,7 @@ def train_vae(recipe: Recipe, device, workers: int):
             recon = vae.decode(posterior.sample(generator=gen)).sample.float()
         # L1 keeps edges, outlines and halftone dots sharper than MSE alone would.
         loss = F.mse_loss(recon, x) + F.l1_loss(recon, x) + recipe.vae_kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        take_step(opt, loss, step, bar)
     vae.eval()
     with torch.no_grad():  # SD convention: scale latents to unit variance for the UNet
         x = pixels[:2048].permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -239,8 +240,6 @@ def train_vae(recipe: Recipe, device, workers: int):
 
 # ----------------------------------------------------------------------------- UNet
 def make_unet(cross_attention_dim: int):
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
@@ -249,8 +248,6 @@ def make_unet(cross_attention_dim: int):
 
 
 def make_scheduler():
-    from diffusers import DDPMScheduler
-
     # SD 1.x's noise schedule and ε-prediction: the toy model trains and samples like the real one.
     return DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -265,8 +262,6 @@ def encode_text(text_encoder, tokenizer, texts: list[str], device) -> torch.Tens
 
 
 def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: int, on_checkpoint=None):
-    from diffusers.training_utils import EMAModel
-
     torch.manual_seed(3)
     unet = make_unet(text_encoder.config.hidden_size).to(device)
     scheduler = make_scheduler()
@@ -318,8 +313,6 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
 
 
 def save_sd(vae, text_encoder, tokenizer, unet, scheduler, path: Path) -> None:
-    from diffusers import StableDiffusionPipeline
-
     pipe = StableDiffusionPipeline(
         vae=vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(), scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -362,17 +355,11 @@ def train_oracle(recipe: Recipe, vae, device, workers: int) -> Oracle:
     opt = torch.optim.AdamW(oracle.parameters(), lr=recipe.oracle_lr, weight_decay=1e-4)
     gen = torch.Generator(device).manual_seed(4)
     oracle.train()
-    for step in (bar := tqdm(range(recipe.oracle_steps), desc="oracle", mininterval=10)):
-        for g in opt.param_groups:
-            g["lr"] = recipe.oracle_lr * cosine_lr(step, recipe.oracle_steps, 100)
+    for step, bar in cosine_steps(opt, recipe.oracle_lr, recipe.oracle_steps, 100, "oracle"):
         idx = torch.randint(len(pixels), (recipe.oracle_batch,), device=device, generator=gen)
         logits = oracle(_augment(pixels[idx], gen))
         loss = sum(F.cross_entropy(logits[h], targets[h][idx]) for h in HEADS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        take_step(opt, loss, step, bar)
     return oracle.eval()
 
 
@@ -387,70 +374,107 @@ def oracle_accuracy(oracle: Oracle, n_per_style: int = 150, seed: int = 900_000_
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights", help="weights folder (clip/, sd/, oracle/)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--only", default=",".join(STAGES), help="comma-separated stages to (re)train; others load from --out")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count and data size (smoke runs only)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that render training images")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, with --only as a list of stages; refused before anything trains."""
+    parser = build_parser()
     args = parser.parse_args(argv)
-    only = [s for s in args.only.split(",") if s]
-    if unknown := set(only) - set(STAGES):
+    args.only = [s for s in args.only.split(",") if s]
+    if unknown := set(args.only) - set(STAGES):
         parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {','.join(STAGES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but no GPU is visible; use --device cpu")
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPModel
+    return args
 
+
+@dataclass
+class Run:
+    """What every stage shares: the flags, the recipe, the device, the tokenizer and the stage timings."""
+
+    args: argparse.Namespace
+    recipe: Recipe
+    device: torch.device
+    tokenizer: object
+    times: dict
+
+    @property
+    def out(self) -> Path:
+        return self.args.out
+
+    def training(self, stage: str) -> bool:
+        return stage in self.args.only
+
+
+def clip_stage(r: Run):
+    """The tiny CLIP: trained and saved, or loaded from --out."""
+    if not r.training("clip"):
+        return CLIPModel.from_pretrained(r.out / "clip")
+    t0 = time.time()
+    clip = train_clip(r.recipe, r.tokenizer, r.device, r.args.workers).cpu()
+    atomic_save(r.out / "clip", lambda p: save_clip(clip, r.tokenizer, p))
+    r.times["clip"] = time.time() - t0
+    return clip
+
+
+def vae_stage(r: Run):
+    if not r.training("vae"):
+        return AutoencoderKL.from_pretrained(r.out / "sd", subfolder="vae")
+    t0 = time.time()
+    vae = train_vae(r.recipe, r.device, r.args.workers).cpu()
+    atomic_save(r.out / "sd" / "vae", vae.save_pretrained)  # kept on its own too, should a later stage fail
+    r.times["vae"] = time.time() - t0
+    return vae
+
+
+def sd_stage(r: Run, vae, text_encoder) -> None:
+    """The UNet (checkpointed into --out/sd as it trains), then the whole SD folder with today's parts."""
+    if r.training("unet"):
+        def checkpoint(unet, scheduler, step):
+            atomic_save(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
+            unet.to(r.device)  # save_sd moved it to the CPU
+            vae.to(r.device)
+            print(f"unet checkpoint at step {step} written to {r.out / 'sd'}")
+
+        t0 = time.time()
+        unet, scheduler = train_unet(r.recipe, vae, text_encoder, r.tokenizer, r.device, r.args.workers, checkpoint)
+        r.times["unet"] = time.time() - t0
+    elif {"clip", "vae"} & set(r.args.only):  # a new text encoder or VAE is shipped with the UNet already trained
+        unet, scheduler = UNet2DConditionModel.from_pretrained(r.out / "sd", subfolder="unet"), make_scheduler()
+    else:
+        return
+    atomic_save(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
+
+
+def oracle_stage(r: Run, vae) -> None:
+    if not r.training("oracle"):
+        return
+    t0 = time.time()
+    oracle = train_oracle(r.recipe, vae, r.device, r.args.workers).cpu()
+    atomic_save(r.out / "oracle", oracle.save_pretrained)
+    r.times["oracle"] = time.time() - t0
+    print("oracle accuracy on fresh renders:", oracle_accuracy(oracle))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_flush_denormal(True)  # tiny gradients turn denormal on CPU and slow every step
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    recipe = Recipe().scaled(args.scale)
-    device = torch.device(args.device)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    times = {}
-
-    t0 = time.time()
-    if "clip" in only:
-        clip = train_clip(recipe, tokenizer, device, args.workers).cpu()
-        atomic_save(out / "clip", lambda p: save_clip(clip, tokenizer, p))
-        times["clip"] = time.time() - t0
-    else:
-        clip = CLIPModel.from_pretrained(out / "clip")
-    text_encoder = text_encoder_from_clip(clip)
-
-    t0 = time.time()
-    if "vae" in only:
-        vae = train_vae(recipe, device, args.workers).cpu()
-        atomic_save(out / "sd" / "vae", vae.save_pretrained)  # kept on its own too, should a later stage fail
-        times["vae"] = time.time() - t0
-    else:
-        vae = AutoencoderKL.from_pretrained(out / "sd", subfolder="vae")
-
-    t0 = time.time()
-    if "unet" in only:
-        def checkpoint(unet, scheduler, step):
-            atomic_save(out / "sd", lambda p: save_sd(vae, text_encoder, tokenizer, unet, scheduler, p))
-            unet.to(device)  # save_sd moved it to the CPU
-            vae.to(device)
-            print(f"unet checkpoint at step {step} written to {out / 'sd'}")
-
-        unet, scheduler = train_unet(recipe, vae, text_encoder, tokenizer, device, args.workers, checkpoint)
-        times["unet"] = time.time() - t0
-    if {"clip", "vae", "unet"} & set(only):
-        if "unet" not in only:  # a new text encoder or VAE is shipped with the UNet already trained
-            unet, scheduler = UNet2DConditionModel.from_pretrained(out / "sd", subfolder="unet"), make_scheduler()
-        atomic_save(out / "sd", lambda p: save_sd(vae, text_encoder, tokenizer, unet, scheduler, p))
-
-    t0 = time.time()
-    if "oracle" in only:
-        oracle = train_oracle(recipe, vae, device, args.workers).cpu()
-        atomic_save(out / "oracle", oracle.save_pretrained)
-        times["oracle"] = time.time() - t0
-        print("oracle accuracy on fresh renders:", oracle_accuracy(oracle))
-    print("stage seconds:", {k: round(v, 1) for k, v in times.items()})
+    args.out.mkdir(parents=True, exist_ok=True)
+    r = Run(args, Recipe().scaled(args.scale), torch.device(args.device), build_tokenizer(), {})
+    text_encoder = text_encoder_from_clip(clip_stage(r))
+    vae = vae_stage(r)
+    sd_stage(r, vae, text_encoder)
+    oracle_stage(r, vae)
+    print("stage seconds:", {k: round(v, 1) for k, v in r.times.items()})
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Procedural scenes of the toy world: content (shape × colour × background), captions, and rendering.
+"""Procedural scenes of the toy world: content (shape × colour × background), captions, and layouts.
 
-A scene is pure content; a style (see `styles.py`) decides how it is painted. `render` draws the
-geometry from the seed first and only then the style's own noise, so one seed gives the same
-layout in every style — which is what lets tests and the oracle separate style from content.
+The first floor of the toy world: scenes -> styles (paint a layout) -> render (scene + style + seed
+-> image). A scene is pure content; `layout` draws its geometry from the seed, and a style (see
+`styles.py`) decides how that layout is painted, so one seed gives the same layout in every style —
+which is what lets tests and the oracle separate style from content.
 """
 
 from __future__ import annotations
@@ -179,14 +180,3 @@ def layout(scene: Scene, seed: int, size: int) -> tuple[Layout, np.random.Genera
         poly = _shape_polygon(scene.shape, cx, cy, r, angle)
         obj = _mask(S, lambda d: d.polygon(poly, fill=255))
     return Layout(regions, sky, sparkles, obj, COLOUR_RGB[scene.colour]), rng
-
-
-def render(scene: Scene, style: str, seed: int, size: int = 64) -> Image.Image:
-    """An RGB image of `scene` in `style`; the same (scene, style, seed, size) gives the same pixels."""
-    from research.toyworld.styles import paint
-
-    # Draw at twice the size and downsample, so edges are anti-aliased like real images.
-    lay, rng = layout(scene, seed, 2 * size)
-    pixels = paint(lay, style, rng)
-    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-    return img.resize((size, size), Image.Resampling.BOX)

@@ -1,4 +1,5 @@
-"""The four looks of the toy world. Each paints any scene layout (see `scenes.layout`).
+"""The four looks of the toy world. Each paints any scene layout (see `scenes.layout`); render.py
+turns a scene, a style and a seed into an image.
 
 - plain:  flat colours, thin dark edge — what the base model learns.
 - pastel: soft watercolour (Ghibli stand-in): colours washed toward paper white, blurred,

@@ -1,9 +1,9 @@
 """Benchmark: time compute_metrics on synthetic 64 px images per arm with a tiny CLIP (toy-world scale).
 
-    python -m research.bench_eval [--num-images 256] [--threads 2]
+    python -m research.benchmarking.evaluation_speed [--num-images 256] [--threads 2]
 
 Uses the shipped toy CLIP (research/toyworld/weights/clip) when it exists, else a random tiny one.
-`python -m research.bench` calls time_evaluation for its evaluation images/s.
+`python -m research.bench` calls time_evaluation (through measurements) for its evaluation images/s.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-TOY_CLIP = Path(__file__).parent / "toyworld" / "weights" / "clip"
-TOY_ORACLE = Path(__file__).parent / "toyworld" / "weights" / "oracle"
-from research.random_models import write_tiny_clip  # noqa: E402,F401 (re-exported for tests)
+from research.metrics import METRICS, compute_metrics
+from research.random_models import write_tiny_clip
+from research.toyworld import CLIP_DIR as TOY_CLIP, ORACLE_DIR as TOY_ORACLE
 
 
 def synthetic_images(n: int, seed: int, size: int = 64) -> list[Image.Image]:
@@ -32,8 +32,6 @@ def time_evaluation(num_images: int, *, metrics=None, clip_model: str | None = N
                     seeds_per_prompt: int = 4, num_references: int = 100, device: str = "cpu") -> dict:
     """One compute_metrics call on `num_images` adapter and as many baseline images: seconds per stage,
     total seconds and images/s (both arms' images over the total, backbone loading included)."""
-    from research.metrics import METRICS, compute_metrics
-
     with tempfile.TemporaryDirectory() as tmp:
         clip = clip_model or (TOY_CLIP if TOY_CLIP.exists() else write_tiny_clip(Path(tmp) / "clip"))
         oracle = oracle if oracle is not None else (str(TOY_ORACLE) if TOY_ORACLE.exists() else None)

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 
 from research.config import TrainConfig
 from research.data import style_folder_for
@@ -28,8 +32,6 @@ class CaptionedImages(Dataset):
     """The style folder's training images, transformed on every access as the example's dataset is."""
 
     def __init__(self, cfg: TrainConfig, tokenizer):
-        from torchvision import transforms
-
         self.examples = style_folder_for(cfg).train
         crop = transforms.CenterCrop(cfg.resolution) if cfg.center_crop else transforms.RandomCrop(cfg.resolution)
         flip = transforms.RandomHorizontalFlip() if cfg.random_flip else transforms.Lambda(lambda x: x)
@@ -49,9 +51,6 @@ class CaptionedImages(Dataset):
 
 def reference_train(cfg: TrainConfig, hooks: list[Hook] = ()) -> dict:
     """Train cfg.max_train_steps LoRA steps the plain way; hooks get on_step after every optimizer step."""
-    from accelerate import Accelerator
-    from diffusers.optimization import get_scheduler
-
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.mixed_precision, device)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -92,8 +91,6 @@ def reference_train(cfg: TrainConfig, hooks: list[Hook] = ()) -> dict:
 
 def _loss(cfg: TrainConfig, c: Components, unet, batch: dict, dtype: torch.dtype) -> torch.Tensor:
     """One batch's min-SNR-weighted diffusion loss, encoding images and captions afresh."""
-    from diffusers.training_utils import compute_snr
-
     sched = c.noise_scheduler
     latents = c.vae.encode(batch["pixel_values"].to(dtype)).latent_dist.sample() * c.vae.config.scaling_factor
     noise = torch.randn_like(latents)

@@ -1,5 +1,6 @@
 """Experiment II's records: the study's parent MLflow run, the re-scoring of the best trials on the
-reporting references, the trials table, the figures and the console summary (research/search.py runs them)."""
+reporting references, the trials table, the figures and the console summary (hyperparameter_search
+and research/search.py call them)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
 from research.atomic import write_json
+from research.evaluate import main as evaluate_main
 from research.tracking import experiment_id, flatten_metrics, tracking_uri
 from research.train import STATE_PREFIX
 
@@ -22,7 +27,7 @@ PARENT_WAIT_SECONDS = 60  # a worker that lost the race to create the study wait
 
 
 def _client():
-    import mlflow
+    import mlflow  # deferred, as everywhere in research/: its import takes seconds
 
     return mlflow.MlflowClient(tracking_uri())
 
@@ -74,8 +79,6 @@ def tag_worker(parent_run_id: str, seed: int, threads: int) -> None:
 def retry_stale_trial(experiment: str):
     """Heartbeat callback: the dead worker's MLflow run becomes FAILED, and the trial is retried with the
     same params (Optuna's RetryHeartbeatStaleTrialCallback, formerly RetryFailedTrialCallback)."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
     retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
 
     def on_stale(study, trial) -> None:
@@ -95,8 +98,6 @@ def retry_stale_trial(experiment: str):
 def rescore(run_dir: Path, seed_offset: int) -> Path:
     """Evaluate a trial's saved adapter again, on the held-out half the selection never saw and with fresh
     seeds, in a sibling folder <run>_reporting (the trial's own numbers stay as they were)."""
-    from research.evaluate import main as evaluate_main
-
     out = run_dir.with_name(f"{run_dir.name}_reporting")
     cfg = json.loads((run_dir / "config.json").read_text())
     cfg.update(heldout_split="reporting", eval_seed_offset=seed_offset, run_dir=str(out))
@@ -155,9 +156,7 @@ def write_trials_csv(study, path: Path) -> Path:
 
 def draw_figures(study, out_dir: Path) -> list[Path]:
     """Optuna's own plots: history (or the Pareto front with several objectives) and intermediate values."""
-    import warnings
-
-    import matplotlib
+    import matplotlib  # deferred: plotting libraries load slowly and only the study's end draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,7 +1,7 @@
 """What `python -m research.bench` leaves behind: results.json, results.md (tables), growth.png, an MLflow run.
 
 results.md is written from results.json alone, so the committed tables can be rebuilt from the
-committed numbers: `python -m research.bench_report reports/bench/results.json`.
+committed numbers: `python -m research.benchmarking.publish reports/bench/results.json`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 from research.atomic import write_json
+from research.figures import point_and_interval
+from research.tracking import Tracker
 
 ARMS = ("ours", "reference")
 
@@ -124,14 +126,12 @@ def _by_value(points: dict) -> list[tuple[str, dict]]:
 
 def growth_figure(growth: dict, path: Path) -> None:
     """One panel per knob: seconds per step of each arm, points with their 95% intervals."""
-    import matplotlib
+    import matplotlib  # deferred: plotting libraries load slowly and results.md needs none of them
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
     from matplotlib.ticker import FormatStrFormatter, NullLocator
-
-    from research.figures import point_and_interval
 
     sns.set_theme(style="whitegrid", context="paper")
     colors = dict(zip(ARMS, sns.color_palette("colorblind", 2)))
@@ -183,8 +183,6 @@ def publish(report: dict, out_dir: Path, before: str = "", track: bool = True) -
     (out_dir / "results.md").write_text(markdown(report, previous))
     print((out_dir / "results.md").read_text())
     if track:
-        from research.tracking import Tracker
-
         m = report["machine"]
         tracker = Tracker(out_dir, "bench", f"bench_{report['setup']['model']}_{m['device']}",
                           {"device": m["device_name"], "threads": str(m["threads"])})
