@@ -159,7 +159,7 @@ class FlopCount:
 def run_arm(arm: str, cfg: TrainConfig, hooks: list, run_dir: Path) -> dict:
     """Train cfg.max_train_steps steps with our loop or the reference loop; returns its cost dict."""
     from research.bench_reference import reference_train
-    from research.train import train
+    from research.training.loop import train
 
     if arm == "ours":
         return train(cfg, run_dir, hooks).cost
@@ -256,7 +256,7 @@ def sampling_speed(bench: Bench, adapter_run: Path) -> dict:
     from research.data import style_folder_for
     from research.methods import get_method
     from research.models import load_pipeline, make_sampler, pick_precision, weight_dtype
-    from research.sample import generate, plan_jobs
+    from research.sampling import generate, plan_jobs
 
     cfg = bench.config(bench.args.steps)
     dtype = weight_dtype(pick_precision(cfg.mixed_precision, bench.device))

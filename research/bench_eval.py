@@ -32,6 +32,7 @@ def time_evaluation(num_images: int, *, metrics=None, clip_model: str | None = N
                     seeds_per_prompt: int = 4, num_references: int = 100, device: str = "cpu") -> dict:
     """One compute_metrics call on `num_images` adapter and as many baseline images: seconds per stage,
     total seconds and images/s (both arms' images over the total, backbone loading included)."""
+    from research.evaluation import load_oracle
     from research.metrics import METRICS, compute_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,7 +47,7 @@ def time_evaluation(num_images: int, *, metrics=None, clip_model: str | None = N
         timings: dict = {}
         start = time.perf_counter()
         compute_metrics(adapter, baseline, prompts, references, metrics=metrics, clip_model=str(clip),
-                        lpips_weights="random", oracle=oracle or None, target_style="pastel",
+                        lpips_weights="random", oracle=load_oracle(oracle or "", device), target_style="pastel",
                         feature_extractor="clip", device=device, progress=False, timings=timings)
         total = time.perf_counter() - start
     return {"stages": timings, "total_seconds": total, "images_per_second": 2 * num_images / total,

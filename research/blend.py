@@ -34,7 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from research.atomic import atomic_path, save_image, write_json
-from research.config import ConfigError, TrainConfig, add_config_arguments, apply_overrides
+from research.arguments import add_config_arguments, apply_overrides
+from research.config import ConfigError, TrainConfig
 from research.data import DataError
 from research.methods.lora import LoRA, peft_key, to_kohya
 from research.metrics.stats import Design, summarize
@@ -198,7 +199,7 @@ def load_blend_pipeline(cfg: TrainConfig, a: Adapter, b: Adapter):
 
 
 def render(pipe, cfg: TrainConfig, jobs, weights: list[float]) -> dict[float, list[Image.Image]]:
-    from research.sample import generate
+    from research.sampling import generate
 
     images = {}
     for t in weights:
@@ -268,7 +269,7 @@ def evaluate_blend(cfg: TrainConfig, images: dict[float, list[Image.Image]], job
     Backbones load once and every image set's features are extracted once; metrics against one style
     are then scored against A's and against B's references (suffix _a, _b), the rest once.
     """
-    from research.evaluate import metric_names
+    from research.evaluation import load_oracle, metric_names
     from research.metrics import (MissingWeightsError, image_features, load_backbones, metric_interval,
                                   metric_replicates)
     from research.metrics.features import clip_text_features
@@ -279,7 +280,7 @@ def evaluate_blend(cfg: TrainConfig, images: dict[float, list[Image.Image]], job
         return {}
     try:
         bk = load_backbones(names, clip_model=cfg.clip_model, inception_weights=cfg.inception_weights or None,
-                            lpips_weights=cfg.lpips_weights or None, oracle=cfg.oracle or None,
+                            lpips_weights=cfg.lpips_weights or None, oracle=load_oracle(cfg.oracle, pick_device(cfg.device)),
                             feature_extractor=cfg.feature_extractor, device=str(pick_device(cfg.device)), seed=cfg.seed)
     except MissingWeightsError as err:
         log.error("evaluation skipped: %s", err)  # the images are kept; the fix is in the message
@@ -339,7 +340,7 @@ def _side(bk, x: Adapter, design: Design) -> _Side:
 def run_blend(a_path: str, b_path: str, weights: list[float], export_weight: float | None, args,
               track: bool = True) -> Path:
     from research.data import read_validation_prompts
-    from research.sample import plan_jobs, save_set
+    from research.sampling import plan_jobs, save_set
     from research.tracking import Tracker, flatten_metrics, new_run_dir, setup_logging
 
     a, b = load_adapter(a_path), load_adapter(b_path)

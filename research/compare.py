@@ -33,8 +33,8 @@ from typing import Callable
 
 from research.atomic import save_figure, write_json
 from research.figures import method_color, point_and_interval
-from research.config import (RECIPE_LEARNING_RATES, ConfigError, TrainConfig, add_config_arguments, config_from_args,
-                             parse_bool)
+from research.arguments import add_config_arguments, config_from_args
+from research.config import RECIPE_LEARNING_RATES, ConfigError, TrainConfig, parse_bool
 from research.methods import METHODS
 
 log = logging.getLogger("research")
@@ -67,7 +67,7 @@ def method_config(cfg: TrainConfig, method: str, lr: float) -> TrainConfig:
 
 
 def _run_child(cfg_values: dict, track: bool, tags: dict) -> str:
-    from research.train import run
+    from research.experiments.one_run import run
 
     return str(run(TrainConfig.from_dict(cfg_values), track=track, tags=tags))
 
@@ -77,7 +77,7 @@ def run_in_this_process(cfg: TrainConfig, track: bool, tags: dict) -> Path:
 
     import torch
 
-    from research.train import run
+    from research.experiments.one_run import run
 
     try:
         return run(cfg, track=track, tags=tags)

@@ -40,11 +40,12 @@ import time
 import zlib
 from pathlib import Path
 
-from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, parse_bool
+from research.arguments import add_config_arguments, config_from_args
+from research.config import ConfigError, TrainConfig, parse_bool
 from research.data import DataError
 from research.models import ModelNotFoundError
 from research.tracking import REPO_ROOT, flatten_metrics, new_run_dir, setup_logging
-from research.train import StopTraining
+from research.training.loop import StopTraining
 
 log = logging.getLogger("research")
 
@@ -143,7 +144,7 @@ def resolve_directions(objectives: list[str], direction: str) -> list[str]:
 
 def check_objectives(cfg: TrainConfig, objectives: list[str]) -> None:
     """Fail before any training when an objective names a metric the runs will not compute."""
-    from research.evaluate import metric_names
+    from research.evaluation import metric_names
 
     names = metric_names(cfg)
     for objective in objectives:
@@ -174,7 +175,7 @@ def prune_metric(objectives: list[str], pruner: str) -> str | None:
 # ─── pruning: a cheap score at checkpoints ──────────────────────────────────────────────────
 def intermediate_score(cfg: TrainConfig, images: list, jobs: list, references: list, metric: str, device) -> float:
     """The objective's metric for a handful of mid-training adapter images vs the selection references."""
-    from research.evaluate import evaluate_samples
+    from research.evaluation import evaluate_samples
 
     scored = evaluate_samples(dataclasses.replace(cfg, metrics=metric),
                               {"jobs": jobs, "adapter": images, "baseline": None}, references, device)
@@ -186,7 +187,7 @@ class PruningHook:
 
     def __init__(self, trial, cfg: TrainConfig, metric: str, every: int, n_images: int):
         from research.data import style_folder_for
-        from research.sample import plan_jobs
+        from research.sampling import plan_jobs
 
         self.trial, self.cfg, self.metric, self.every = trial, cfg, metric, every
         data = style_folder_for(cfg)  # cfg.heldout_split is "selection": the same references as the objective
@@ -198,7 +199,7 @@ class PruningHook:
             return
         import mlflow
 
-        from research.train import sample_in_training
+        from research.training.hooks import sample_in_training
 
         images = sample_in_training(self.cfg, c, self.jobs, "intermediate")
         value = intermediate_score(self.cfg, images, self.jobs, self.references, self.metric, c.unet.device)
@@ -229,7 +230,7 @@ class TrialRunner:
         import optuna
 
         from research.search_records import worker_name
-        from research.train import run
+        from research.experiments.one_run import run
 
         params = suggest(trial, self.space)
         run_name = f"{self.study_name}_t{trial.number:03d}"

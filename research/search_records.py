@@ -15,7 +15,7 @@ from pathlib import Path
 
 from research.atomic import write_json
 from research.tracking import experiment_id, flatten_metrics, tracking_uri
-from research.train import STATE_PREFIX
+from research.training.checkpoints import STATE_PREFIX
 
 log = logging.getLogger("research")
 PARENT_WAIT_SECONDS = 60  # a worker that lost the race to create the study waits this long for its parent run

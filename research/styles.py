@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 from research.atomic import save_image, write_json
-from research.config import ConfigError, TOY_CONFIG, TrainConfig, add_config_arguments, config_from_args
+from research.arguments import add_config_arguments, config_from_args
+from research.config import ConfigError, TOY_CONFIG, TrainConfig
 from research.data import IMAGE_EXTENSIONS, DataError, read_validation_prompts
 from research.models import ModelNotFoundError
 from research.tracking import REPO_ROOT, experiment_id, new_run_dir, setup_logging, tracking_uri
@@ -97,7 +98,7 @@ def grid_columns(cfg: TrainConfig, runs: dict[str, Path], prompts: list[str]) ->
     every column, so a row differs only by the adapter."""
     from research.methods import get_method
     from research.models import load_pipeline, make_sampler, pick_device, pick_precision, weight_dtype
-    from research.sample import Job, generate
+    from research.sampling import Job, generate
 
     device = pick_device(cfg.device)
     dtype = weight_dtype(pick_precision(cfg.mixed_precision, device))
@@ -138,7 +139,7 @@ def draw_grid(columns: dict[str, list], prompts: list[str], path: Path) -> Path:
 # ─── the experiment ─────────────────────────────────────────────────────────────────────────
 def train_styles(cfg: TrainConfig, folders: list[Path], parent: str) -> tuple[list[dict], dict[str, Path]]:
     """One research.train run per style; a style that fails is a FAILED row, and the others still run."""
-    from research.train import run
+    from research.experiments.one_run import run
 
     rows, done = [], {}
     for folder in folders:

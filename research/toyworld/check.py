@@ -25,7 +25,7 @@ def judge_base_model(sd_dir: Path, oracle_dir: Path = ORACLE_DIR, num_images: in
     from research.metrics.oracle import class_index, oracle_content_accuracy, oracle_style_accuracy
     from research.metrics.stats import summarize
     from research.models import load_pipeline, make_sampler
-    from research.sample import generate, plan_jobs
+    from research.sampling import generate, plan_jobs
     from research.toyworld.oracle import Oracle
 
     cfg = TrainConfig.from_dict(json.loads(TOY_CONFIG.read_text()), source=str(TOY_CONFIG))
