@@ -93,6 +93,15 @@ def format_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def score_run(run_dir: Path, cfg, samples: dict, references: list, device, cost: dict) -> dict:
+    """The run's metrics.json for the images sample_run produced: both arms scored against the references,
+    with the training cost beside them; written, and returned."""
+    metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "delta": {}, "cost": cost}
+    metrics.update(evaluate_samples(cfg, samples, references, device))
+    write_metrics(run_dir, metrics)
+    return metrics
+
+
 def load_oracle(folder: str, device) -> Oracle | None:
     """The style/content oracle --oracle names (a toy-world oracle folder), on `device`; None for "" (no oracle)."""
     return Oracle.from_pretrained(folder).to(str(device)) if folder else None
@@ -121,9 +130,7 @@ def reevaluate_run(run_dir: Path, cfg, method, data: StyleFolder) -> tuple[dict,
     device = pick_device(cfg.device)
     pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
     samples = sample_run(run_dir, cfg, method, prompts=data.validation_prompts, base_pipe=pipe)
-    metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "delta": {}, "cost": old.get("cost", {})}
-    metrics.update(evaluate_samples(cfg, samples, [e.image for e in data.heldout], device))
-    write_metrics(run_dir, metrics)
+    metrics = score_run(run_dir, cfg, samples, [e.image for e in data.heldout], device, old.get("cost", {}))
     run_id = log_to_finished_run(run_dir, flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}),
                                  run_dir / "metrics.json")
     return metrics, run_id

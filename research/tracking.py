@@ -378,14 +378,20 @@ class Tracker:
 
 
 def mlflow_run_for_dir(run_dir: Path) -> str | None:
-    """The MLflow run id of the run that wrote run_dir: the one its run.json names (when it was tracked in
-    this store), else the run tagged with that folder, else None."""
+    """The MLflow run id of the run that wrote run_dir, or None: the run its run.json names when that run is
+    tagged with this very folder (a copied folder carries the run.json of another run), else a search
+    of the store for the run tagged with it."""
     import mlflow
 
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     record = read_record(run_dir)
-    if record.get("mlflow_run_id") and record.get("tracking_uri") == tracking_uri():
-        return record["mlflow_run_id"]
-    mlflow.set_tracking_uri(tracking_uri())
+    if record.get("mlflow_run_id") and record.get("tracking_uri") == uri:
+        try:
+            if mlflow.get_run(record["mlflow_run_id"]).data.tags.get("run_dir") == str(run_dir):
+                return record["mlflow_run_id"]
+        except mlflow.exceptions.MlflowException:
+            pass  # deleted from the store: look it up by its folder like any other
     found = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.run_dir = '{run_dir}'",
                                output_format="list")
     return found[0].info.run_id if found else None

@@ -16,11 +16,11 @@ from accelerate.utils import broadcast_object_list
 from research.atomic import write_json
 from research.config import TrainConfig
 from research.errors import ConfigError, RunInterrupted, is_user_error
-from research.evaluation import evaluate_samples, format_table
+from research.evaluation import format_table, score_run
 from research.models import load_pipeline, pick_device, pick_precision, weight_dtype
 from research.sampling import sample_run
 from research.tracking import (FILE_ONLY, SUBDIRS, Tracker, check_store_writable, early_records, flatten_metrics,
-                               new_run_dir, setup_logging, write_metrics)
+                               new_run_dir, setup_logging)
 from research.training.checkpoints import STATE_PREFIX, check_resume
 from research.training.hooks import MLflowHook, ValidationHook
 from research.training.loop import Hook, Prepared, StopTraining, prepare, train
@@ -126,10 +126,8 @@ def _train_sample_evaluate(cfg: TrainConfig, run_dir: Path, tracker: Tracker, pr
     pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
     log.info("sampling %d images per arm (base model, then adapter; same prompts and seeds)", cfg.num_eval_images)
     samples = sample_run(run_dir, cfg, result.method, prompts=result.data.validation_prompts, base_pipe=pipe)
-    metrics = {"n_images": len(samples["jobs"]), "adapter": {}, "baseline": {}, "delta": {}, "cost": result.cost}
     log.info("evaluating %s against %d held-out images", cfg.metrics, len(result.data.heldout))
-    metrics.update(evaluate_samples(cfg, samples, [e.image for e in result.data.heldout], device))
-    write_metrics(run_dir, metrics)
+    metrics = score_run(run_dir, cfg, samples, [e.image for e in result.data.heldout], device, result.cost)
     # logs.txt keeps the table; the console gets it once, from the CLI
     log.info("metrics written to %s\n%s", run_dir / "metrics.json", format_table(metrics), extra=FILE_ONLY)
     tracker.log_metrics(flatten_metrics({k: v for k, v in metrics.items() if k != "cost"}))
