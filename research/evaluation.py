@@ -16,7 +16,6 @@ from pathlib import Path
 
 from research.data import StyleFolder
 from research.errors import DataError, MissingWeightsError
-from research.metrics import compute_metrics
 from research.models import load_pipeline, pick_device, pick_precision, weight_dtype
 from research.sampling import check_saved_artifacts, sample_run
 from research.toyworld.oracle import Oracle
@@ -39,6 +38,10 @@ def evaluate_samples(cfg, samples: dict, references: list, device) -> dict:
     names = metric_names(cfg)
     if not names:
         return {}
+    # deferred on purpose: the metrics pull in clean-fid and torchvision (seconds of import time), which a
+    # run with --metrics none, and every command refused before it starts, never needs
+    from research.metrics import compute_metrics
+
     prompts = [job.prompt for job in samples["jobs"]]
     try:
         return compute_metrics(samples["adapter"], samples["baseline"], prompts, references, metrics=names,
