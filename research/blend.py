@@ -19,7 +19,8 @@ import argparse
 import math
 import sys
 
-from research.config import ConfigError, add_config_arguments
+from research.arguments import add_config_arguments
+from research.config import ConfigError
 from research.data import DataError
 from research.experiments.blend_files import WEIGHT_NAME
 from research.experiments.style_blend import DEFAULT_EXPERIMENT, FLAGS, run_blend

@@ -4,7 +4,7 @@
     python -m research.compare --config research/configs/toy.json --methods lora,textual_inversion
 
 Every method trains on the same images and split, for the same --max-train-steps with the same
-batch size, seeds, prompts, sampler and evaluation images: each is `research.train.run` with only
+batch size, seeds, prompts, sampler and evaluation images: each is `research.experiments.one_run.run` with only
 the method and its learning rate changed. Each method is its own MLflow run in experiment exp3,
 tagged comparison=<id>; the comparison folder runs/exp3/<timestamp>_compare/ gets comparison.json
 (quality from each run's metrics.json + cost) and comparison.png.
@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from research.config import RECIPE_LEARNING_RATES, ConfigError, add_config_arguments, config_from_args, parse_bool
+from research.arguments import add_config_arguments, config_from_args
+from research.config import RECIPE_LEARNING_RATES, ConfigError, parse_bool
 from research.experiments.method_comparison import (REFERENCE_LR, compare, format_table, learning_rates,
                                                      run_in_fresh_process, run_in_this_process)
 from research.methods import METHODS

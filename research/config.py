@@ -1,4 +1,5 @@
-"""The typed run config: one dataclass, JSON round-trip, and the command-line flags built from it.
+"""The typed run config: one dataclass and its JSON round-trip. The bottom floor: it imports only
+research.errors (the flags built from it live beside it, in research/arguments.py).
 
 Every knob has exactly one name, used by the CLI (``--rank`` or ``--rank``'s snake twin
 ``--lora_alpha``), by MLproject (``-P rank=16``), by the Makefile (``RANK=16``) and in
@@ -16,9 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import string
-import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,9 @@ TOY_CONFIG = CONFIGS_DIR / "toy.json"
 # (diffusers train_text_to_image_lora), TI 5e-3 (diffusers textual_inversion: 5e-4 scaled by batch x
 # accumulation), DreamBooth 5e-6 (diffusers train_dreambooth).
 RECIPE_LEARNING_RATES = {"lora": 1e-4, "textual_inversion": 5e-3, "dreambooth": 5e-6}
+# The values --method takes. The registry (research.methods.METHODS) implements exactly these and refuses
+# any other name itself; a test keeps the two lists equal, so the config needs no import of the registry.
+METHOD_NAMES = tuple(RECIPE_LEARNING_RATES)
 
 
 @dataclass
@@ -146,7 +148,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Sanity checks at the end of parsing, each with the fix in its message. Checks that need the
-        loaded model (target modules, rank vs layer size, resolution vs the VAE) live in research.train."""
+        loaded model (target modules, rank vs layer size, resolution vs the VAE) live in the loop's prepare()."""
         self._check_method()  # first: an unknown method has no recipe learning rate for the number checks
         self._check_numbers()
         self._check_choices()
@@ -158,22 +160,22 @@ class TrainConfig:
         for f in fields(self):  # a NaN slips through every range check below, so refuse it first
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"--{_flag(f.name)} must be a finite number, got {value}.")
+                raise ConfigError(f"--{flag(f.name)} must be a finite number, got {value}.")
         positive = ["resolution", "max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                     "num_inference_steps", "num_eval_images", "sample_batch_size", "log_every",
                     "checkpoints_total_limit", "learning_rate", "lora_alpha", "text_encoder_lr"]
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{_flag(name)} must be a positive number, got {getattr(self, name)}.")
+                raise ConfigError(f"--{flag(name)} must be a positive number, got {getattr(self, name)}.")
         not_negative = ["checkpointing_steps", "lr_warmup_steps", "lr_num_cycles", "validation_steps",
                         "snr_gamma", "noise_offset", "max_grad_norm", "adam_weight_decay", "guidance_scale",
                         "num_class_images", "prior_loss_weight", "eval_seed_offset"]
         for name in not_negative:
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{_flag(name)} must not be negative (0 turns it off), got {getattr(self, name)}.")
+                raise ConfigError(f"--{flag(name)} must not be negative (0 turns it off), got {getattr(self, name)}.")
         for name in ["caption_dropout", "holdout_fraction", "lora_dropout"]:
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}.")
+                raise ConfigError(f"--{flag(name)} must be in [0, 1), got {getattr(self, name)}.")
         if self.resolution % 8:
             raise ConfigError(f"--resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}.")
 
@@ -188,13 +190,11 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 shown = ", ".join(a for a in allowed if a)
-                raise ConfigError(f"--{_flag(name)} must be one of {shown}, got {getattr(self, name)!r}.")
+                raise ConfigError(f"--{flag(name)} must be one of {shown}, got {getattr(self, name)!r}.")
 
     def _check_method(self) -> None:
-        from research.methods import METHODS  # lazily: the registry imports torch
-
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}.")
+        if self.method not in METHOD_NAMES:
+            raise ConfigError(unknown_method_message(self.method))
         if self.method == "textual_inversion":
             if self.num_vectors <= 0:
                 raise ConfigError(f"--num-vectors must be a positive integer, got {self.num_vectors}.")
@@ -210,9 +210,13 @@ class TrainConfig:
             targets = ["unet_target_modules"] + (["text_encoder_target_modules"] if self.train_text_encoder else [])
             for name in targets:
                 if not [t for t in getattr(self, name).split(",") if t.strip()]:
-                    raise ConfigError(f"--{_flag(name)} is empty; name at least one layer (e.g. to_q,to_k,to_v,to_out.0).")
+                    raise ConfigError(f"--{flag(name)} is empty; name at least one layer (e.g. to_q,to_k,to_v,to_out.0).")
 
-def _flag(name: str) -> str:
+def unknown_method_message(method: str) -> str:
+    return f"--method must be one of {', '.join(METHOD_NAMES)}, got {method!r}."
+
+
+def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
@@ -249,14 +253,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag gives the one `error:` line every other bad input gives (no usage dump)."""
-
-    def error(self, message: str):
-        print(f"error: {message}; see {self.prog} --help.", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_bool(text: str | bool) -> bool:
     if isinstance(text, bool):
         return text
@@ -268,12 +264,12 @@ def parse_bool(text: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _field_type(f: dataclasses.Field) -> type:
+def field_type(f: dataclasses.Field) -> type:
     return {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
 
 
 def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
-    kind = _field_type(f)
+    kind = field_type(f)
     try:
         if kind is bool:
             return parse_bool(value)
@@ -284,84 +280,3 @@ def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {f.name} must be {kind.__name__}, got {value!r}.") from None
 
 
-def _help_comments() -> dict[str, str]:
-    """The knob comments in this file become the --help text, so docs and code cannot drift."""
-    comments = {}
-    for line in Path(__file__).read_text().splitlines():
-        stripped = line.strip()
-        if ":" in stripped and "=" in stripped and "  # " in stripped and not stripped.startswith("#"):
-            name = stripped.split(":", 1)[0].strip()
-            comments[name] = stripped.split("  # ", 1)[1]
-    return comments
-
-
-class _Typed(argparse.Action):
-    """Stores the value and remembers that the flag was typed (defaults never pass through here)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        typed = set(getattr(namespace, "_typed", set()))
-        namespace._typed = typed | {self.dest}
-
-
-def _sections() -> dict[str, str]:
-    """Each field's section in TrainConfig ("# ── data ──" lines), so --help lists the flags in groups."""
-    sections, current = {}, "options"
-    names = {f.name for f in fields(TrainConfig)}
-    for line in Path(__file__).read_text().splitlines():
-        stripped = line.strip()
-        if stripped.startswith("# ──") and stripped.strip("# ─"):
-            current = stripped.strip("# ─").strip()
-        elif ":" in stripped and stripped.split(":", 1)[0] in names:
-            sections.setdefault(stripped.split(":", 1)[0], current)
-    return sections
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
-    """Add one flag per config field (``--kebab-case`` and its ``--snake_case`` twin), grouped by section."""
-    comments, sections, groups = _help_comments(), _sections(), {}
-    parser.add_argument("--config", default="", help="JSON file of config values (e.g. research/configs/toy.json)")
-    for f in fields(TrainConfig):
-        if names is not None and f.name not in names:
-            continue
-        section = sections.get(f.name, "options")
-        if section not in groups:
-            groups[section] = parser.add_argument_group(section)
-        kind = _field_type(f)
-        flags = [f"--{_flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        groups[section].add_argument(*flags, dest=f.name, default=f.default, type=parse_bool if kind is bool else kind,
-                                     action=_Typed, metavar=kind.__name__.upper(),
-                                     help=f"{comments.get(f.name, '')} (default: {f.default!r})")
-
-
-def given_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The values a person gave: the --config file's, overridden by typed flags (under `mlflow run`: by
-    flags that differ from their default). Defaults are left out, so a resume can tell what was asked."""
-    values = {}
-    if getattr(args, "config", ""):
-        values = TrainConfig.from_json_file(args.config).to_dict()  # checks the file on its own, naming it
-        values = {k: v for k, v in values.items() if k in read_config_file(args.config)}
-    under_mlflow = bool(os.environ.get("MLFLOW_RUN_ID"))  # it passes every parameter, typed or not
-    typed = getattr(args, "_typed", set())
-    for f in fields(TrainConfig):
-        if hasattr(args, f.name):
-            given = getattr(args, f.name)
-            # a value other than the default always overrides (sub-commands set their own defaults);
-            # a typed default does too, except under mlflow run where "typed" means nothing
-            if given != f.default or (f.name in typed and not under_mlflow):
-                values[f.name] = given
-    return values
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults < --config file < typed flags (under `mlflow run`: flags that differ from their default)."""
-    return TrainConfig.from_dict(given_values(args), source="command line")
-
-
-def apply_overrides(cfg: TrainConfig, args: argparse.Namespace, names: list[str]) -> TrainConfig:
-    """Flags of a follow-up command (sample, evaluate) override a finished run's config.json."""
-    values = cfg.to_dict()
-    for name in names:
-        if getattr(args, name) != getattr(TrainConfig, name):
-            values[name] = getattr(args, name)
-    return TrainConfig.from_dict(values, source="command line")

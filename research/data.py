@@ -1,5 +1,7 @@
 """Style folder -> images, captions, a seeded train/held-out split, and validation prompts.
 
+A building block: it knows only research.errors.
+
 A style folder is read, never written. Layout (captions and prompts optional)::
 
     data/ghibli/
@@ -148,14 +150,20 @@ def read_validation_prompts(style_dir: Path, style_name: str, prompts_file: str 
     return DEFAULT_PROMPTS.get(style_name.lower(), GENERIC_PROMPTS)
 
 
+def require_style_dir(style_dir: str | Path) -> Path:
+    """The style folder as a Path, or the one DataError every command gives for a folder that is not there."""
+    path = Path(style_dir)
+    if not path.is_dir():
+        raise DataError(f"Style folder {path} does not exist; pass a folder of images with --style-dir.")
+    return path
+
+
 def load_style_folder(style_dir: str | Path, *, style_name: str = "", resolution: int = 512,
                       caption_template: str = "an illustration in {style} style", trigger_word: str = "",
                       holdout_fraction: float = 0.2, seed: int = 1126,
                       validation_prompts_file: str = "") -> StyleFolder:
     """Read every usable image of a style folder and split it, reproducibly, into train and held-out."""
-    style_dir = Path(style_dir)
-    if not style_dir.is_dir():
-        raise DataError(f"Style folder {style_dir} does not exist; pass a folder of images with --style-dir.")
+    style_dir = require_style_dir(style_dir)
     name = style_name or style_dir.name
     default_caption = caption_template.format(style=name)
     min_side = max(16, resolution // 4)  # smaller images would teach the model upscaling blur, not style

@@ -1,11 +1,16 @@
-"""Every error a person (not a programmer) has to fix, at the bottom of the import graph.
+"""Every error a person (not a programmer) has to fix: the bottom floor, imported by every other one.
 
-Entry points catch ``UserError`` and print its message as one ``error:`` line with exit code 2;
-anything else is a bug and keeps its traceback. Each class says *what* is wrong, so callers
-classify by type, never by matching words in a message.
+Entry points catch ``UserError`` (research/cli.py) and print its message as one ``error:`` line with
+exit code 2; anything else is a bug and keeps its traceback. Each class says *what* is wrong, so
+callers classify by type, never by matching words in a message.
 """
 
 from __future__ import annotations
+
+import errno
+
+# an OS error that is the environment's, not a bug (full disk, read-only store): said in one line
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 class UserError(Exception):
@@ -33,6 +38,10 @@ class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. NaN loss); the message says what to change."""
 
 
+class MissingWeightsError(UserError):
+    """A metric backbone's weights are neither local nor downloadable; the message says which option fixes it."""
+
+
 class ResumeError(ConfigError):
     """A resume that would not continue the run that ran (other flags, no state to resume from)."""
 
@@ -44,3 +53,8 @@ class RunInterrupted(BaseException):
     def __init__(self, signal_name: str, reason: str = ""):
         super().__init__(signal_name, reason)
         self.signal_name, self.reason = signal_name, reason
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A person's to fix (one line, no traceback): a UserError or an OS error of the environment."""
+    return isinstance(err, UserError) or (isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS)

@@ -3,6 +3,9 @@
 Sources: a hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), a local diffusers folder, a
 single ``.safetensors`` checkpoint, or ``embedded`` (the toy-world model this project ships). All
 go through the same diffusers classes; nothing downstream knows which one it got.
+
+A building block (on errors and the toy world's weight paths). diffusers is imported inside the functions
+that build pipelines: the metrics import this module for hf_offline alone and must not pay for diffusers.
 """
 
 from __future__ import annotations
@@ -13,13 +16,12 @@ from pathlib import Path
 import torch
 
 from research.errors import BrokenModelError, ConfigError, ModelNotFoundError
+from research.toyworld import SD_DIR
 
 EMBEDDED = "embedded"
 
 
 def embedded_model_dir() -> Path:
-    from research.toyworld import SD_DIR  # imported lazily: only the embedded default needs it
-
     return Path(SD_DIR)
 
 
@@ -54,8 +56,9 @@ def weight_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+def hf_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub spells it, read at call time (the hub reads its copy once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
@@ -77,7 +80,7 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
     try:
         if path.suffix == ".safetensors":
             return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-        return StableDiffusionPipeline.from_pretrained(source, local_files_only=_offline(), use_safetensors=True,
+        return StableDiffusionPipeline.from_pretrained(source, local_files_only=hf_offline(), use_safetensors=True,
                                                        **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _load_error(base_model, local, err) from err

@@ -1,7 +1,5 @@
-"""Prompts x seeds -> images, for the adapter and for the base model with the same seeds.
-
-Every image has its own seeded generator, so image (prompt i, seed s) is the same whatever the
-batch size, and the baseline and adapter images of one (prompt, seed) share their starting noise.
+"""Sample a finished run again: adapter and base model on the same prompts and seeds (thin CLI over
+research/sampling.py).
 
     python -m research.sample --run-dir runs/exp1/20261124-120000_ghibli_lora
 """
@@ -9,196 +7,34 @@ batch size, and the baseline and adapter images of one (prompt, seed) share thei
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
+from research.arguments import add_config_arguments, add_run_dir_argument, finished_run_config
+from research.cli import user_errors_exit_2
+from research.methods import get_method
+from research.models import load_pipeline, pick_device, pick_precision, weight_dtype
+from research.sampling import check_saved_artifacts, run_prompts, sample_run
 
-from research.atomic import save_image, write_json
-
-MANIFEST = "manifest.json"
+OVERRIDES = ["num_eval_images", "num_inference_steps", "guidance_scale", "sampler", "device"]
 
 
-@dataclass(frozen=True)
-class Job:
-    prompt_index: int
-    prompt: str
-    seed: int
-
-    @property
-    def file_name(self) -> str:
-        return f"p{self.prompt_index:02d}_s{self.seed:06d}.png"
-
-
-def plan_jobs(prompts: list[str], num_images: int, seed: int) -> list[Job]:
-    """Round-robin over prompts so every prompt gets ~num_images/len(prompts) seeds."""
-    per_prompt = math.ceil(num_images / len(prompts))
-    jobs = [Job(i, p, seed + k) for k in range(per_prompt) for i, p in enumerate(prompts)]
-    return sorted(jobs[:num_images], key=lambda j: (j.prompt_index, j.seed))
-
-
-@torch.no_grad()
-def generate(pipe, jobs: list[Job], *, num_inference_steps: int, guidance_scale: float, resolution: int,
-             batch_size: int = 8, desc: str = "sampling", prompt_fn=lambda p: p) -> list[Image.Image]:
-    device = pipe.device
-    images = []
-    for start in tqdm(range(0, len(jobs), batch_size), desc=desc, unit="batch", leave=False):
-        batch = jobs[start:start + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(j.seed) for j in batch]
-        out = pipe([prompt_fn(j.prompt) for j in batch], num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, height=resolution, width=resolution, generator=generators)
-        images.extend(out.images)
-    return images
-
-
-def training_pipeline(c, sampler: str, scheduler_config=None):
-    """A sampling pipeline over the training components (whatever adapter is in place right now).
-
-    scheduler_config: the noise schedule to sample with; None = the training scheduler's (the
-    prediction type being trained). DreamBooth's class images pass the base model's own config.
-    """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
-
-    from research.models import make_sampler
-
-    scheduler = DDPMScheduler.from_config(scheduler_config or c.noise_scheduler.config)
-    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, unet=c.unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe = make_sampler(pipe, sampler)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate_while_training(pipe, jobs: list[Job], cfg, desc: str, prompt_fn=lambda p: p) -> list[Image.Image]:
-    """generate() inside training: the trainable weights are fp32 while the frozen base may be bf16/fp16,
-    so on GPU sampling runs under autocast in the base's dtype, as the training step does."""
-    device, dtype = pipe.unet.device, pipe.vae.dtype
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and device.type == "cuda"):
-        return generate(pipe, jobs, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                        resolution=cfg.resolution, batch_size=cfg.sample_batch_size, desc=desc, prompt_fn=prompt_fn)
-
-
-def save_set(images: list[Image.Image], jobs: list[Job], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for image, job in zip(images, jobs):
-        save_image(image, folder / job.file_name)
-    write_json(folder / MANIFEST, [{"file": j.file_name, "prompt_index": j.prompt_index, "prompt": j.prompt,
-                                    "seed": j.seed} for j in jobs])
-
-
-def load_set(folder: Path) -> tuple[list[Image.Image], list[Job]]:
-    entries = json.loads((folder / MANIFEST).read_text())
-    jobs = [Job(int(e["prompt_index"]), e["prompt"], int(e["seed"])) for e in entries]
-    return [Image.open(folder / e["file"]).convert("RGB") for e in entries], jobs
-
-
-def write_thumbnails(baseline: list[Image.Image], adapter: list[Image.Image], jobs: list[Job], out_dir: Path,
-                     per_prompt: int = 4) -> list[Path]:
-    """One strip per prompt: top row baseline, bottom row adapter, same seeds column by column."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for index in sorted({j.prompt_index for j in jobs}):
-        picks = [k for k, j in enumerate(jobs) if j.prompt_index == index][:per_prompt]
-        w, h = adapter[picks[0]].size
-        label = 14
-        strip = Image.new("RGB", (w * len(picks), 2 * h + 2 * label), "white")
-        draw = ImageDraw.Draw(strip)
-        for col, k in enumerate(picks):
-            strip.paste(baseline[k], (col * w, label))
-            strip.paste(adapter[k], (col * w, 2 * label + h))
-        draw.text((2, 1), "baseline", fill="black")
-        draw.text((2, label + h + 1), "adapter", fill="black")
-        path = out_dir / f"p{index:02d}_strip.png"
-        save_image(strip, path)
-        written.append(path)
-    return written
-
-
-def sample_run(run_dir: Path, cfg, method, *, prompts: list[str], base_pipe) -> dict:
-    """Baseline images first (pristine base), then the saved adapter loaded the way users load it."""
-    from research.models import make_sampler
-
-    jobs = plan_jobs(prompts, cfg.num_eval_images, cfg.seed + cfg.eval_seed_offset)
-    pipe = make_sampler(base_pipe, cfg.sampler)  # the base model as it is, with its own prediction type
-    pipe.set_progress_bar_config(disable=True)
-    common = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                  resolution=cfg.resolution, batch_size=cfg.sample_batch_size)
-    baseline = generate(pipe, jobs, desc="baseline", **common)
-    method.load_into(pipe, run_dir / "checkpoints")
-    pipe = make_sampler(pipe, cfg.sampler, prediction_type=cfg.prediction_type)  # what the adapter was trained to predict
-    adapter = generate(pipe, jobs, desc="adapter", prompt_fn=method.caption, **common)
-    save_set(baseline, jobs, run_dir / "inference" / "baseline")
-    save_set(adapter, jobs, run_dir / "inference")
-    write_thumbnails(baseline, adapter, jobs, run_dir / "thumbnails")
-    return {"jobs": jobs, "baseline": baseline, "adapter": adapter}
-
-
-def run_prompts(run_dir: Path, cfg, prompts_file: str = "") -> list[str]:
-    """The prompts to re-sample a finished run with: a given file, else the ones the run itself used
-    (its manifest), else its style folder's; a run whose prompts cannot be found is refused, never
-    silently sampled with generic ones."""
-    from research.data import DataError, read_validation_prompts
-
-    manifest = run_dir / "inference" / MANIFEST
-    if not prompts_file and manifest.is_file():
-        try:
-            entries = json.loads(manifest.read_text(encoding="utf-8"))
-            return list(dict.fromkeys(e["prompt"] for e in entries))
-        except (ValueError, KeyError, TypeError):
-            raise DataError(f"{manifest} is damaged; pass --validation-prompts-file with the prompts to use.") from None
-    if not prompts_file and not Path(cfg.style_dir).is_dir():
-        raise DataError(f"The run's style folder {cfg.style_dir} is gone and the run has no image manifest; pass "
-                        "--validation-prompts-file with the prompts to use.")
-    return read_validation_prompts(Path(cfg.style_dir), cfg.resolved_style_name(), prompts_file)
-
-
-def check_saved_artifacts(checkpoint_dir: Path) -> None:
-    """Read every adapter file in checkpoints/ before anything is sampled or overwritten: a truncated or
-    damaged file is one clear error, not a traceback halfway through re-sampling."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from research.data import DataError
-
-    for path in sorted(checkpoint_dir.glob("*.safetensors")):
-        try:
-            load_file(path)
-        except (SafetensorError, OSError) as err:
-            raise DataError(f"{path} is damaged ({str(err).splitlines()[0][:80]}); re-train the run or restore the "
-                            "file from MLflow's artifacts.") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    from research.config import ConfigError, TrainConfig, add_config_arguments, apply_overrides
-    from research.data import DataError
-    from research.methods import get_method
-    from research.models import ModelNotFoundError, load_pipeline, pick_device, pick_precision, weight_dtype
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m research.sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", "--run_dir", required=True, help="run folder with checkpoints/ and config.json")
-    add_config_arguments(parser, names=["num_eval_images", "num_inference_steps", "guidance_scale", "sampler",
-                                        "validation_prompts_file", "device"])
+    add_run_dir_argument(parser)
+    add_config_arguments(parser, names=OVERRIDES + ["validation_prompts_file"])
+    return parser
+
+
+@user_errors_exit_2
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir)
-    if not (run_dir / "config.json").is_file():
-        parser.error(f"{run_dir} is not a run folder (no config.json); pass a folder under runs/.")
-    try:
-        cfg = apply_overrides(TrainConfig.from_json_file(run_dir / "config.json"), args,
-                              ["num_eval_images", "num_inference_steps", "guidance_scale", "sampler", "device"])
-        prompts = run_prompts(run_dir, cfg, args.validation_prompts_file)
-        check_saved_artifacts(run_dir / "checkpoints")
-        device = pick_device(cfg.device)
-        pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
-    except (ConfigError, DataError, ModelNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    run_dir, cfg = finished_run_config(parser, args, OVERRIDES)
+    prompts = run_prompts(run_dir, cfg, args.validation_prompts_file)
+    check_saved_artifacts(run_dir / "checkpoints")  # before anything is overwritten
+    device = pick_device(cfg.device)
+    pipe = load_pipeline(cfg.base_model, weight_dtype(pick_precision(cfg.mixed_precision, device))).to(device)
     sample_run(run_dir, cfg, get_method(cfg), prompts=prompts, base_pipe=pipe)
     print(f"images in {run_dir / 'inference'}, strips in {run_dir / 'thumbnails'}")
     return 0

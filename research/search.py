@@ -17,7 +17,7 @@ Honest selection: every trial is evaluated on the *selection* half of the held-o
 objectives) is re-scored on the *reporting* half with fresh seeds, and both numbers are printed and
 logged to the study's parent MLflow run.
 
-Records: the study is one parent MLflow run; each trial is a child run (research.train.run) with its
+Records: the study is one parent MLflow run; each trial is a child run (research.experiments.one_run.run) with its
 params, trial number, intermediate and final metrics, adapter and sample strips. A pruned trial keeps
 its run as KILLED with its partial metrics; a failed one is FAILED and the study goes on.
 
@@ -36,7 +36,8 @@ import sys
 
 import torch
 
-from research.config import ConfigError, TrainConfig, add_config_arguments, config_from_args, parse_bool
+from research.arguments import add_config_arguments, config_from_args
+from research.config import ConfigError, TrainConfig, parse_bool
 from research.experiments.hyperparameter_search import (DEFAULT_EXPERIMENT, DEFAULT_STORAGE, DEFAULT_TRIALS,
                                                         ORIGINAL_GRID, PRUNERS, SAMPLERS, STOP_ERRORS,
                                                         safe_storage, check_objectives, resolve_directions,

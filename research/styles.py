@@ -4,7 +4,7 @@
     python -m research.styles --config "" --data-root data/anime --base-model <sd-1.5> --rank 16
 
 Every style folder under --data-root (a folder with images; its own validation_prompts.txt) is trained
-and evaluated by research.train.run, as a child MLflow run of one parent run. The parent holds the
+and evaluated by research.experiments.one_run.run, as a child MLflow run of one parent run. The parent holds the
 results table (results.csv: every metric's mean, 95% interval and n, per style and arm) and the style
 grid (grid.png: rows = prompts, columns = the base model and each style's adapter, one seed per row),
 both also written to runs/<experiment>/<timestamp>_styles/.
@@ -17,7 +17,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from research.config import ConfigError, TOY_CONFIG, add_config_arguments, config_from_args
+from research.arguments import add_config_arguments, config_from_args
+from research.config import ConfigError, TOY_CONFIG
 from research.data import DataError
 from research.experiments.style_adapters import styles
 from research.models import ModelNotFoundError

@@ -10,6 +10,9 @@ Every run folder also holds ``run.json``: its status (RUNNING, FINISHED, FAILED,
 stopped, the MLflow run it belongs to (a resume reopens that run) and the process (pid, host) that
 runs it. A run whose process is gone without saying so (SIGKILL, power loss) is marked KILLED the
 next time a Tracker starts against the store, or by ``python -m research.tracking`` (``make clean-runs``).
+
+A building block: it knows only atomic writes and errors. mlflow is imported inside the functions
+that talk to the store: it takes seconds to import, and a --no-tracking run never needs it.
 """
 
 from __future__ import annotations
@@ -372,6 +375,39 @@ class Tracker:
             if (self.run_dir / "logs.txt").is_file():
                 self.mlflow.log_artifact(str(self.run_dir / "logs.txt"))
         self.mlflow.end_run(status=status)
+
+
+def mlflow_run_for_dir(run_dir: Path) -> str | None:
+    """The MLflow run id of the run that wrote run_dir, or None: the run its run.json names when that run is
+    tagged with this very folder (a copied folder carries the run.json of another run), else a search
+    of the store for the run tagged with it."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    record = read_record(run_dir)
+    if record.get("mlflow_run_id") and record.get("tracking_uri") == uri:
+        try:
+            if mlflow.get_run(record["mlflow_run_id"]).data.tags.get("run_dir") == str(run_dir):
+                return record["mlflow_run_id"]
+        except mlflow.exceptions.MlflowException:
+            pass  # deleted from the store: look it up by its folder like any other
+    found = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.run_dir = '{run_dir}'",
+                               output_format="list")
+    return found[0].info.run_id if found else None
+
+
+def log_to_finished_run(run_dir: Path, metrics: dict[str, float], artifact: Path) -> str | None:
+    """Add metrics and a file to the MLflow run of run_dir (a re-evaluation); returns its id, None if untracked."""
+    import mlflow
+
+    run_id = mlflow_run_for_dir(run_dir)
+    if run_id:
+        mlflow.set_tracking_uri(tracking_uri())
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifact(str(artifact))
+    return run_id
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:

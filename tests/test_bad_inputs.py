@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import png_header, tiny_train_args
 from research import train as train_module
+from research.training.hooks import MLflowHook
 from research.train import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +64,8 @@ class Case:
 
     def run_folder(self, status: str | None = None, states: int = 0) -> str:
         """A run folder as a training leaves it (config.json, run.json, states) without training."""
-        from research.config import TrainConfig, given_values
+        from research.arguments import given_values
+        from research.config import TrainConfig
 
         d = self.tmp / "old_runs" / "test" / "20260101-000000_inky_lora"
         (d / "checkpoints").mkdir(parents=True)
@@ -217,7 +219,7 @@ def test_resume_falls_back_from_a_damaged_state_and_continues_the_same_mlflow_ru
             raise Killed(step)
 
     out = tmp_path / "interrupted"
-    monkeypatch.setattr(train_module.MLflowHook, "on_checkpoint", die_at_step_4)
+    monkeypatch.setattr(MLflowHook, "on_checkpoint", die_at_step_4)
     with pytest.raises(Killed):
         main(tiny_train_args(odd_style_dir, tiny_model, out, **args))
     monkeypatch.undo()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from research.config import TOY_CONFIG
-from research.train import Draws, _mix
+from research.training.draws import Draws, mix_seeds
 
 PARTS = ["limit", "train", "sampling", "evaluation", "growth"]
 
@@ -104,7 +104,7 @@ def _noise(draws: Draws, micro_step: int) -> torch.Tensor:
 
 def test_process_zero_draws_what_a_single_process_always_drew():
     draws = Draws(seed=3, process_index=0, device=torch.device("cpu"))
-    expected = torch.randn(SHAPE, generator=torch.Generator().manual_seed(_mix(3, 5, Draws.DATA)))
+    expected = torch.randn(SHAPE, generator=torch.Generator().manual_seed(mix_seeds(3, 5, Draws.DATA)))
     assert torch.equal(_noise(draws, 5), expected)
 
 

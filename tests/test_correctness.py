@@ -177,7 +177,8 @@ def test_two_processes_write_one_run(tiny_model, odd_style_dir, tmp_path):
 
 # ─── smaller ones ─────────────────────────────────────────────────────────────────────────────
 def test_each_method_defaults_to_its_recipe_learning_rate_and_a_typed_rate_wins():
-    from research.config import RECIPE_LEARNING_RATES, TrainConfig, add_config_arguments, config_from_args
+    from research.arguments import add_config_arguments, config_from_args
+    from research.config import RECIPE_LEARNING_RATES, TrainConfig
 
     import argparse
 
@@ -205,22 +206,23 @@ def test_help_lists_flags_in_sections():
 
 
 def test_validation_samples_in_eval_mode_and_leaves_training_as_it_was(tiny_model, monkeypatch):
-    from research import sample
     from research.config import TrainConfig
     from research.methods import Components
     from research.models import load_pipeline
-    from research.train import StepInfo, ValidationHook
+    from research.training import hooks
+    from research.training.hooks import ValidationHook
+    from research.training.loop import StepInfo
 
     c = Components.from_pipeline(load_pipeline(str(tiny_model)))
     c.unet.train()
     c.text_encoder.train()
     seen = {}
 
-    def fake_generate(pipe, jobs, cfg, desc, prompt_fn=lambda p: p):
-        seen.update(unet=pipe.unet.training, text_encoder=pipe.text_encoder.training)
+    def fake_generate(c, jobs, cfg, desc, prompt_fn=lambda p: p, scheduler_config=None):
+        seen.update(unet=c.unet.training, text_encoder=c.text_encoder.training)
         return [Image.new("RGB", (8, 8))] * len(jobs)
 
-    monkeypatch.setattr(sample, "generate_while_training", fake_generate)
+    monkeypatch.setattr(hooks, "sample_components", fake_generate)
     logged = []
     tracker = type("T", (), {"log_image": lambda self, image, name, step=None: logged.append(name)})()
     hook = ValidationHook(TrainConfig(validation_steps=2), tracker, ["a", "b"])

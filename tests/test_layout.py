@@ -193,3 +193,15 @@ def test_the_length_check_names_a_long_function(tmp_path):
     path = ROOT / "tests" / "test_layout.py"  # lives under ROOT, so its name can be printed relative to it
     assert long_functions([path], limit=10) and all("test_layout.py:" in o for o in long_functions([path], limit=10))
     assert long_functions([path], limit=10_000) == []
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    """The graph above is read, not run: importing every module for real catches what it cannot see
+    (a name that moved, an import that only fails at import time)."""
+    import subprocess
+    import sys
+
+    names = sorted(find_modules(ROOT, ["research"]))
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+    done = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

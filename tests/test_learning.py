@@ -73,7 +73,7 @@ def test_metrics_agree_with_the_oracle(style, trained):
 @pytest.mark.parametrize("style", STYLES)
 def test_study_targets_style_moved_content_kept(style, trained):
     """The toy world's targets: a plain, prompt-following base; a LoRA that takes the style and keeps content."""
-    from research.sample import load_set
+    from research.sampling import load_set
     from research.toyworld.oracle import Oracle
 
     run = trained(style)

@@ -11,10 +11,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_train_args
 from research import compare as compare_cli
+from research.arguments import config_from_args
 from research.experiments import method_comparison as compare_module
-from research.config import config_from_args
 from research.random_models import write_tiny_clip
-from research.train import build_parser, train
+from research.train import build_parser
+from research.training.loop import train
 
 
 def make_cfg(style_dir, model, out, **overrides):
@@ -59,7 +60,7 @@ def test_ti_trains_only_the_new_rows(ti_run, tiny_model):
     for row in learned["<style>"]:
         assert not torch.allclose(row, start)  # both new rows moved away from their initial vector
     assert result.cost["trainable_params"] == 2 * original.shape[1]
-    assert cfg.num_vectors == 2 and not result.method.frozen_text_encoder
+    assert cfg.num_vectors == 2 and not result.method.caches_text_embeddings
 
 
 def test_ti_file_loads_with_load_textual_inversion_and_changes_output(ti_run, tiny_model):
@@ -115,6 +116,20 @@ def test_ti_placeholder_that_is_already_a_token_is_one_sentence(tiny_model, odd_
 
     with pytest.raises(ConfigError, match="already a token.*choose a new word"):
         train(make_cfg(odd_style_dir, tiny_model, tmp_path, **dict(TI, placeholder_token="a")), tmp_path)
+
+
+def test_the_registry_implements_exactly_the_methods_the_config_accepts():
+    """The config lists --method's values without importing the registry; the registry refuses other names."""
+    from research.config import METHOD_NAMES, TrainConfig
+    from research.errors import ConfigError
+    from research.methods import METHODS, get_method
+
+    assert tuple(METHODS) == METHOD_NAMES
+    assert all(cls.name == name for name, cls in METHODS.items())
+    cfg = TrainConfig()
+    cfg.method = "hypernetwork"  # past the config's own check
+    with pytest.raises(ConfigError, match="--method must be one of lora, textual_inversion, dreambooth"):
+        get_method(cfg)
 
 
 # ─── DreamBooth ──────────────────────────────────────────────────────────────────────────────

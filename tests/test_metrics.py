@@ -316,7 +316,7 @@ def test_compute_metrics_end_to_end(tiny_clip, tmp_path):
     prompts = [f"a red circle on a green hill, pastel style{' ' * (i // 4)}" if i < 8 else "a cat photo" for i in range(12)]
     adapter, baseline = synthetic_images(12, 1), synthetic_images(12, 2)
     result = compute_metrics(adapter, baseline, prompts, synthetic_images(6, 3), seeds=seeds,
-                             clip_model=tiny_clip, lpips_weights="random", oracle=str(tmp_path / "oracle"),
+                             clip_model=tiny_clip, lpips_weights="random", oracle=Oracle.from_pretrained(tmp_path / "oracle"),
                              target_style="pastel", feature_extractor="clip", progress=False, timings=timings)
     assert set(result) == {"adapter", "baseline", "delta"}
     for arm in ("adapter", "baseline"):
@@ -345,7 +345,7 @@ def test_compute_metrics_end_to_end(tiny_clip, tmp_path):
     assert "features" in timings and "kid" in timings
     with pytest.raises(ValueError, match="no class named 'ghibli'"):
         compute_metrics(synthetic_images(2, 1), None, prompts[:2], [], metrics=["oracle_style_accuracy"],
-                        clip_model=tiny_clip, oracle=str(tmp_path / "oracle"), target_style="ghibli")
+                        clip_model=tiny_clip, oracle=Oracle.from_pretrained(tmp_path / "oracle"), target_style="ghibli")
 
 
 def test_compute_metrics_rejects_unknown_names(tiny_clip):

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from conftest import tiny_train_args
-from research.config import ConfigError, TOY_CONFIG, TrainConfig, config_from_args
+from research.arguments import config_from_args
+from research.config import ConfigError, TOY_CONFIG, TrainConfig
 from research.train import build_parser
 
 REPO = Path(__file__).resolve().parent.parent

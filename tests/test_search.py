@@ -12,8 +12,7 @@ import pytest
 
 from conftest import load_report, tiny_train_args
 from research import search
-from research.experiments import hyperparameter_search
-from research import train as train_module
+from research.experiments import hyperparameter_search, one_run
 from research.random_models import write_tiny_clip
 
 STUDY = "inky_search"
@@ -88,7 +87,7 @@ def _store(out, monkeypatch):
 @pytest.fixture(scope="module")
 def study_dir(out, tiny_model, odd_style_dir, tiny_clip):
     """Three TPE trials (alpha = 2 x rank), the second forced to crash; then the same command with one more."""
-    real_train = train_module.train
+    real_train = one_run.train
 
     def crash_second_trial(cfg, run_dir, hooks=(), **kwargs):
         if cfg.run_name.endswith("_t001"):
@@ -97,7 +96,7 @@ def study_dir(out, tiny_model, odd_style_dir, tiny_clip):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{out / 'mlflow.db'}")
-        mp.setattr(train_module, "train", crash_second_trial)
+        mp.setattr(one_run, "train", crash_second_trial)
         assert search.main(search_args(odd_style_dir, tiny_model, tiny_clip, out, 3, lora_alpha_ratio=2)) == 0
         first = json.loads((out / "runs" / "exp2" / f"{STUDY}_summary.json").read_text())
         assert search.main(search_args(odd_style_dir, tiny_model, tiny_clip, out, 1, lora_alpha_ratio=2)) == 0
@@ -224,7 +223,7 @@ def test_intermediate_score_is_the_adapter_metric_alone_and_nan_without_its_back
     from research.config import TrainConfig
     from research.data import load_style_folder
     from research.metrics import compute_metrics
-    from research.sample import plan_jobs
+    from research.sampling import plan_jobs
 
     images = [e.image for e in load_style_folder(odd_style_dir, resolution=32).train]
     refs, shots = images[:4], images[4:8]

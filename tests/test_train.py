@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import load_report, tiny_train_args
 from research.random_models import write_tiny_clip
-from research import train as train_module
+from research.training.hooks import MLflowHook
 from research.train import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -157,7 +157,7 @@ def test_failed_run_is_marked_failed_with_its_log(tiny_model, odd_style_dir, tmp
         if info.step == 2:
             raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(train_module.MLflowHook, "on_step", boom)
+    monkeypatch.setattr(MLflowHook, "on_step", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         main(tiny_train_args(odd_style_dir, tiny_model, tmp_path / "runs"))
     mlflow.set_tracking_uri(tracking_store)

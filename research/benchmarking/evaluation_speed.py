@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from research.evaluation import load_oracle
 from research.metrics import METRICS, compute_metrics
 from research.random_models import write_tiny_clip
 from research.toyworld import CLIP_DIR as TOY_CLIP, ORACLE_DIR as TOY_ORACLE
@@ -44,7 +45,7 @@ def time_evaluation(num_images: int, *, metrics=None, clip_model: str | None = N
         timings: dict = {}
         start = time.perf_counter()
         compute_metrics(adapter, baseline, prompts, references, metrics=metrics, clip_model=str(clip),
-                        lpips_weights="random", oracle=oracle or None, target_style="pastel",
+                        lpips_weights="random", oracle=load_oracle(oracle or "", device), target_style="pastel",
                         feature_extractor="clip", device=device, progress=False, timings=timings)
         total = time.perf_counter() - start
     return {"stages": timings, "total_seconds": total, "images_per_second": 2 * num_images / total,

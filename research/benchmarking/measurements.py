@@ -43,8 +43,8 @@ from research.methods import get_method
 from research.metrics.stats import summarize
 from research.models import load_pipeline, make_sampler, pick_device, pick_precision, weight_dtype
 from research.random_models import build_random_pipeline
-from research.sample import generate, plan_jobs
-from research.train import train
+from research.sampling import generate, plan_jobs
+from research.training.loop import train
 
 ARMS = ("ours", "reference")
 GROWTH = {"cpu": dict(dataset_size=[16, 64, 256], resolution=[64, 128, 256], rank=[4, 8, 32]),

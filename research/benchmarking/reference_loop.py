@@ -25,7 +25,7 @@ from research.config import TrainConfig
 from research.data import style_folder_for
 from research.methods import Components, get_method
 from research.models import load_pipeline, pick_device, pick_precision, weight_dtype
-from research.train import Hook, StepInfo, peak_memory_mb
+from research.training.loop import Hook, StepInfo, peak_memory_mb
 
 
 class CaptionedImages(Dataset):

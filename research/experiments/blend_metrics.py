@@ -15,7 +15,7 @@ from PIL import Image
 
 from research.config import TrainConfig
 from research.data import DataError, load_style_folder
-from research.evaluate import metric_names
+from research.evaluation import load_oracle, metric_names
 from research.experiments.blend_math import Adapter, t_label
 from research.metrics import (MissingWeightsError, image_features, load_backbones, metric_interval,
                               metric_replicates)
@@ -97,7 +97,7 @@ def evaluate_blend(cfg: TrainConfig, images: dict[float, list[Image.Image]], job
         return {}
     try:
         bk = load_backbones(names, clip_model=cfg.clip_model, inception_weights=cfg.inception_weights or None,
-                            lpips_weights=cfg.lpips_weights or None, oracle=cfg.oracle or None,
+                            lpips_weights=cfg.lpips_weights or None, oracle=load_oracle(cfg.oracle, pick_device(cfg.device)),
                             feature_extractor=cfg.feature_extractor, device=str(pick_device(cfg.device)), seed=cfg.seed)
     except MissingWeightsError as err:
         log.error("evaluation skipped: %s", err)  # the images are kept; the fix is in the message

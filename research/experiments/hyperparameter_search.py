@@ -10,7 +10,7 @@ study ends the best trial (every Pareto trial with several objectives) is re-sco
 parent MLflow run.
 
 Records: the study is one parent MLflow run; each trial is a child run (the one-run recipe,
-research.train.run) with its params, trial number, intermediate and final metrics. A pruned trial
+research.experiments.one_run.run) with its params, trial number, intermediate and final metrics. A pruned trial
 keeps its run as KILLED with its partial metrics; a failed one is FAILED and the study goes on.
 
 Storage: a JournalStorage file by default (several processes on one machine), or any RDB URL
@@ -37,13 +37,15 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from research.config import ConfigError, TrainConfig
 from research.data import DataError, style_folder_for
-from research.evaluate import evaluate_samples, metric_names
+from research.evaluation import evaluate_samples, metric_names
 from research.experiments.search_records import (create_parent_run, finalize, mlflow_run_for_dir, retry_stale_trial,
                                                  tag_worker, wait_for_parent, worker_name)
 from research.models import ModelNotFoundError
-from research.sample import plan_jobs
+from research.sampling import plan_jobs
 from research.tracking import REPO_ROOT, flatten_metrics, new_run_dir
-from research.train import StopTraining, run, sample_in_training
+from research.experiments.one_run import run
+from research.training.hooks import sample_in_training
+from research.training.loop import StopTraining
 
 log = logging.getLogger("research")
 

@@ -1,7 +1,7 @@
 """Experiment III: LoRA vs Textual Inversion vs DreamBooth under identical conditions.
 
 Every method trains on the same images and split, for the same max_train_steps with the same batch
-size, seeds, prompts, sampler and evaluation images: each is the one-run recipe (research.train.run)
+size, seeds, prompts, sampler and evaluation images: each is the one-run recipe (research.experiments.one_run.run)
 with only the method and its learning rate changed. Each method is its own MLflow run, tagged
 comparison=<id>; the comparison folder runs/exp3/<timestamp>_compare/ gets comparison.json (quality
 from each run's metrics.json + cost) and comparison.png.
@@ -29,7 +29,7 @@ from research.atomic import save_figure, write_json
 from research.config import RECIPE_LEARNING_RATES, ConfigError, TrainConfig
 from research.figures import method_color, point_and_interval
 from research.tracking import new_run_dir, setup_logging, tracking_uri
-from research.train import run
+from research.experiments.one_run import run
 
 log = logging.getLogger("research")
 

@@ -18,9 +18,12 @@ from pathlib import Path
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from research.atomic import write_json
-from research.evaluate import main as evaluate_main
+from research.config import TrainConfig
+from research.data import style_folder_for
+from research.evaluation import reevaluate_run
+from research.methods import get_method
 from research.tracking import experiment_id, flatten_metrics, tracking_uri
-from research.train import STATE_PREFIX
+from research.training.checkpoints import STATE_PREFIX
 
 log = logging.getLogger("research")
 PARENT_WAIT_SECONDS = 60  # a worker that lost the race to create the study waits this long for its parent run
@@ -110,8 +113,8 @@ def rescore(run_dir: Path, seed_offset: int) -> Path:
             # a link, not a copy: a DreamBooth UNet is gigabytes and is stored once
             (out / "checkpoints" / path.name).symlink_to(path.resolve(), target_is_directory=path.is_dir())
     write_json(out / "config.json", cfg)
-    if evaluate_main(["--run-dir", str(out)]) != 0:
-        raise RuntimeError(f"re-scoring {run_dir} failed; see {out / 'logs.txt'}")
+    rescored = TrainConfig.from_json_file(out / "config.json")
+    reevaluate_run(out, rescored, get_method(rescored), style_folder_for(rescored))
     return out
 
 

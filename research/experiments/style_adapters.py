@@ -1,7 +1,7 @@
 """Experiment I: one adapter per style folder, gathered into one result.
 
 Every style folder under the data root (a folder with images; its own validation_prompts.txt) is
-trained and evaluated by the one-run recipe (research.train.run), as a child MLflow run of one
+trained and evaluated by the one-run recipe (research.experiments.one_run.run), as a child MLflow run of one
 parent run. The parent holds the results table (results.csv: every metric's mean, 95% interval and
 n, per style and arm) and the style grid (grid.png: rows = prompts, columns = the base model and
 each style's adapter, one seed per row), both also written to runs/<experiment>/<timestamp>_styles/.
@@ -26,9 +26,9 @@ from research.config import ConfigError, TrainConfig
 from research.data import IMAGE_EXTENSIONS, DataError, read_validation_prompts
 from research.methods import get_method
 from research.models import ModelNotFoundError, load_pipeline, make_sampler, pick_device, pick_precision, weight_dtype
-from research.sample import Job, generate
+from research.sampling import Job, generate
 from research.tracking import experiment_id, new_run_dir, tracking_uri
-from research.train import run
+from research.experiments.one_run import run
 
 log = logging.getLogger("research")
 

@@ -19,13 +19,14 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from research.atomic import save_image, write_json
-from research.config import TrainConfig, apply_overrides
+from research.arguments import apply_overrides
+from research.config import TrainConfig
 from research.data import read_validation_prompts
 from research.experiments.blend_files import WEIGHT_NAME, export_blend, load_adapter
 from research.experiments.blend_math import Adapter, check_compatible, t_label
 from research.experiments.blend_metrics import evaluate_blend
 from research.models import load_pipeline, make_sampler, pick_device, pick_precision, weight_dtype
-from research.sample import generate, plan_jobs, save_set
+from research.sampling import generate, plan_jobs, save_set
 from research.tracking import Tracker, flatten_metrics, new_run_dir, setup_logging
 
 log = logging.getLogger("research")

@@ -1,9 +1,11 @@
-"""The small interface every training method implements.
+"""The small interface every training method implements, and the pieces the methods share.
 
 The training loop never asks which method it runs. A method decides which parameters train
 (``setup``), how their state is saved and restored (``trainable_state`` / ``load_trainable_state``
 for resumable checkpoints, ``save`` for the shipped artifact) and how that artifact is put into a
-fresh pipeline for sampling (``load_into``).
+fresh pipeline for sampling (``load_into``). The methods floor sits on the blocks (data, models,
+sampling) and below the training loop; ``ExtraBatches`` and the batched VAE encoding live here
+because both the loop and DreamBooth's prior preservation use them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+
+from research.data import preprocess
+
+ENCODE_BATCH = 8  # images per VAE call when latents are cached
 
 
 @dataclass
@@ -29,19 +37,41 @@ class Components:
 
     @classmethod
     def from_pipeline(cls, pipe, prediction_type: str = "") -> "Components":
-        from diffusers import DDPMScheduler
-
         overrides = {"prediction_type": prediction_type} if prediction_type else {}
         return cls(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
                    DDPMScheduler.from_config(pipe.scheduler.config, **overrides), pipe.scheduler.config)
 
 
+@dataclass
+class ExtraBatches:
+    """Extra examples a method mixes into every batch with their own loss weight (DreamBooth's prior
+    preservation). A method that has them returns this from ``Method.extra_batches(components,
+    run_dir)``; each micro-batch then draws as many extra examples as it has instance examples,
+    and loss = instance loss + weight * extra loss."""
+
+    latents: torch.Tensor  # [M, C, h, w] cached latents, on the training device
+    hidden: torch.Tensor  # [M or 1, L, D] text embeddings (1 = the same prompt for all)
+    weight: float
+
+
+@torch.no_grad()
+def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of a batch of [-1, 1] pixel tensors through the frozen VAE (in its device and dtype)."""
+    return vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
+
+
+def encode_images(vae, images: list[Image.Image], resolution: int, *, flip: bool = False) -> torch.Tensor:
+    """fp32 latents [N, C, h, w] of PIL images (center crop, optionally flipped), a few images per VAE call."""
+    return torch.cat([vae_latents(vae, torch.stack([preprocess(im, resolution, flip=flip)
+                                                    for im in images[i:i + ENCODE_BATCH]]))
+                      for i in range(0, len(images), ENCODE_BATCH)]).float()
+
+
 class Method:
     name = "base"
-    #: True when the text encoder and its inputs stay frozen, so caption embeddings can be cached.
-    frozen_text_encoder = True
-    #: file name of the main artifact inside checkpoints/
-    weight_name = ""
+    #: True when nothing that shapes a caption's embedding trains, so the loop computes them once
+    #: (False for Textual Inversion, whose new token rows train, and for LoRA on the text encoder)
+    caches_text_embeddings = True
     #: checkpoints/ entries too large to copy into MLflow; the method writes a pointer file instead
     stored_once: tuple[str, ...] = ()
 
@@ -77,8 +107,8 @@ class Method:
                     for name, value in own.items():
                         params[name].copy_(value)
 
-    def extra_batches(self, c: Components, encode_images, run_dir: Path):
-        """Extra examples mixed into every batch (research.train.ExtraBatches), or None."""
+    def extra_batches(self, c: Components, run_dir: Path) -> ExtraBatches | None:
+        """Extra examples mixed into every batch, or None."""
         return None
 
     def caption(self, text: str) -> str:

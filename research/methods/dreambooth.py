@@ -13,6 +13,9 @@ resolved run config under ``_research_config`` in its config.json (diffusers dro
 load). Cost notes for SD 1.5 (860M UNet parameters): the artifact is ~3.4 GB, and every resumable
 state holds the weights plus Adam's two moments, ~10 GB; ``--checkpoints-total-limit`` bounds how
 many are kept and ``--checkpointing-steps 0`` writes none.
+
+A method (see base.py): it sits on the blocks (sampling builds the base model's class images) and
+below the training loop, which it never imports.
 """
 
 from __future__ import annotations
@@ -24,9 +27,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
 
 from research.atomic import write_json
-from research.methods.base import Components, Method
+from research.methods.base import Components, ExtraBatches, Method, encode_images
+from research.sampling import MANIFEST, load_set, plan_jobs, sample_components, save_set
 
 log = logging.getLogger("research")
 CLASS_IMAGES = "class_images"
@@ -34,8 +40,7 @@ CLASS_IMAGES = "class_images"
 
 class DreamBooth(Method):
     name = "dreambooth"
-    weight_name = "unet"  # a folder: checkpoints/unet/
-    frozen_text_encoder = True
+    unet_folder = "unet"  # the saved UNet: checkpoints/unet/ (a diffusers model folder)
     #: checkpoint paths kept once, in the run folder: MLflow gets a pointer file instead of a 3.4 GB copy
     stored_once = ("unet/",)
     pointer_name = "unet_location.json"
@@ -44,8 +49,6 @@ class DreamBooth(Method):
         return {"unet": c.unet}
 
     def setup(self, c: Components) -> list[dict]:
-        from diffusers.training_utils import cast_training_params
-
         c.vae.requires_grad_(False)
         c.text_encoder.requires_grad_(False)
         c.unet.requires_grad_(True)
@@ -61,19 +64,15 @@ class DreamBooth(Method):
         return [{"params": params, "lr": self.cfg.learning_rate}]
 
     # ─── prior preservation ──────────────────────────────────────────────────────────────────
-    def extra_batches(self, c: Components, encode_images, run_dir: Path):
+    def extra_batches(self, c: Components, run_dir: Path) -> ExtraBatches | None:
         """Class images from the base model (before any step), as cached latents + class-prompt embeddings."""
         if not self.cfg.with_prior_preservation:
             return None
-        from research.data import preprocess
-        from research.train import ExtraBatches
-
         folder = Path(run_dir) / CLASS_IMAGES
         images = self._class_images(c, folder)
         device = c.unet.device
+        latents = encode_images(c.vae, images, self.cfg.resolution)
         with torch.no_grad():
-            latents = torch.cat([encode_images(torch.stack([preprocess(im, self.cfg.resolution) for im in images[i:i + 8]]))
-                                 for i in range(0, len(images), 8)]).float()
             ids = c.tokenizer([self.cfg.class_prompt], padding="max_length", max_length=c.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids.to(device)
             hidden = c.text_encoder(ids)[0]
@@ -82,8 +81,6 @@ class DreamBooth(Method):
         return ExtraBatches(latents=latents, hidden=hidden, weight=self.cfg.prior_loss_weight)
 
     def _class_images(self, c: Components, folder: Path) -> list:
-        from research.sample import MANIFEST, generate_while_training, load_set, plan_jobs, save_set, training_pipeline
-
         # seeds apart from the evaluation seeds (cfg.seed + k), so class and eval images never share noise
         jobs = plan_jobs([self.cfg.class_prompt], self.cfg.num_class_images, self.cfg.seed + 100_000)
         if (folder / MANIFEST).is_file():  # a resumed run reuses the images it generated before its first step
@@ -91,16 +88,15 @@ class DreamBooth(Method):
             if saved == jobs:
                 return images
         # the prior is the base model as it is: its own prediction type, not the one this run trains
-        pipe = training_pipeline(c, self.cfg.sampler, scheduler_config=c.base_scheduler_config)
-        images = generate_while_training(pipe, jobs, self.cfg, desc="class images")
+        images = sample_components(c, jobs, self.cfg, "class images", scheduler_config=c.base_scheduler_config)
         save_set(images, jobs, folder)
         return images
 
     # ─── artifact ────────────────────────────────────────────────────────────────────────────
     def save(self, c: Components, checkpoint_dir: Path, metadata: dict[str, str]) -> list[Path]:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        final = checkpoint_dir / self.weight_name
-        tmp = checkpoint_dir / f".tmp-{self.weight_name}"
+        final = checkpoint_dir / self.unet_folder
+        tmp = checkpoint_dir / f".tmp-{self.unet_folder}"
         shutil.rmtree(tmp, ignore_errors=True)
         c.unet.save_pretrained(tmp, safe_serialization=True)
         config_file = tmp / "config.json"
@@ -118,11 +114,9 @@ class DreamBooth(Method):
         return files
 
     def load_into(self, pipe, checkpoint_dir: Path, scale: float = 1.0) -> None:
-        from diffusers import UNet2DConditionModel
-
         if scale != 1.0:
             raise ValueError(f"A DreamBooth UNet replaces the base UNet; load it with scale 1, not {scale}.")
-        unet = UNet2DConditionModel.from_pretrained(checkpoint_dir / self.weight_name, dtype=pipe.unet.dtype,
+        unet = UNet2DConditionModel.from_pretrained(checkpoint_dir / self.unet_folder, dtype=pipe.unet.dtype,
                                                     use_safetensors=True)
         pipe.unet = unet.to(pipe.device)
 

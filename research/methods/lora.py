@@ -4,6 +4,8 @@ Saved as ``pytorch_lora_weights.safetensors`` in peft's keys under diffusers' co
 ``StableDiffusionPipeline.load_lora_weights``; rank and alpha kept in its metadata so the loaded
 scale is right) and as ``lora_kohya.safetensors`` in the kohya/A1111 key format that ComfyUI and
 the web UIs read.
+
+A method (see base.py): above the blocks, below the training loop.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_kohya
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -31,18 +38,14 @@ class LoRA(Method):
     kohya_name = "lora_kohya.safetensors"
 
     @property
-    def frozen_text_encoder(self) -> bool:  # type: ignore[override]
-        return not self.cfg.train_text_encoder
+    def caches_text_embeddings(self) -> bool:  # type: ignore[override]
+        return not self.cfg.train_text_encoder  # LoRA on the text encoder changes every caption's embedding
 
     def _lora_config(self, targets: str):
-        from peft import LoraConfig
-
         return LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
                           init_lora_weights="gaussian", target_modules=_targets(targets))
 
     def setup(self, c: Components) -> list[dict]:
-        from diffusers.training_utils import cast_training_params
-
         for module in (c.unet, c.vae, c.text_encoder):
             module.requires_grad_(False)
         c.unet.add_adapter(self._lora_config(self.cfg.unet_target_modules))
@@ -63,8 +66,6 @@ class LoRA(Method):
         convs): one file would hold three schemes. load_lora_weights reads peft keys for UNet and text
         encoder alike, and so do the kohya converter and the blend, so one scheme serves all.
         """
-        from peft.utils import get_peft_model_state_dict
-
         layers = {"unet": get_peft_model_state_dict(c.unet)}
         if self.cfg.train_text_encoder:
             layers["text_encoder"] = get_peft_model_state_dict(c.text_encoder)
@@ -72,8 +73,6 @@ class LoRA(Method):
                 for k, v in layers.items()}
 
     def save(self, c: Components, checkpoint_dir: Path, metadata: dict[str, str]) -> list[Path]:
-        from diffusers import StableDiffusionPipeline
-
         layers = self.lora_state_dicts(c)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=checkpoint_dir) as tmp:
@@ -123,8 +122,6 @@ def to_kohya(tensors: dict[str, torch.Tensor], lora_alpha: float) -> dict[str, t
     (the SDXL prefix, without the CLIP module path), where sd-scripts and the web UIs expect
     ``lora_te_text_model_encoder_…``.
     """
-    from diffusers.utils import convert_state_dict_to_kohya
-
     kohya = convert_state_dict_to_kohya({peft_key(k): v for k, v in tensors.items()})
     out = {}
     for key, value in kohya.items():

@@ -11,6 +11,8 @@ diffusers' own textual_inversion example writes, so it loads with
 ``pipe.load_textual_inversion(path, token=placeholder_token)``. Its tokens follow diffusers'
 multi-vector naming (``<style>``, ``<style>_1``, ...): the pipeline expands ``<style>`` in a prompt
 to all of them, and the training loop tokenizes captions through the same expansion.
+
+A method (see base.py): above the blocks, below the training loop.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from research.atomic import atomic_path
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.methods.base import Components, Method
 
 log = logging.getLogger("research")
@@ -52,8 +54,8 @@ class TokenEmbeddingWithNewRows(torch.nn.Module):
 class TextualInversion(Method):
     name = "textual_inversion"
     weight_name = "learned_embeds.safetensors"
-    # the embeddings train, so caption embeddings change every step and cannot be cached
-    frozen_text_encoder = False
+    # the text encoder is frozen, but its new token rows train: caption embeddings change every step
+    caches_text_embeddings = False
 
     def token_names(self) -> list[str]:
         p = self.cfg.placeholder_token

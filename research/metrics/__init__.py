@@ -1,4 +1,6 @@
-"""Evaluation metrics for adapter vs base model: one entry point, `compute_metrics`.
+"""Evaluation metrics for adapter vs base model: one entry point, `compute_metrics`. A building block:
+it takes what it needs as arguments (backbone names or folders, an oracle object) and imports no
+toy world and nothing else of this package but errors and models' offline check.
 
 Every metric comes back as {"mean", "ci95", "n"} (plus extras such as "backbone", "unreliable") for each
 arm, and as the paired difference adapter − baseline; stats.py says how the intervals are made.
@@ -67,7 +69,7 @@ class Backbones:
     inception: object | None = None
     lpips: object | None = None
     lpips_label: str | None = None
-    oracle: object | None = None  # toy world only: knows each image's true style and content
+    oracle: object | None = None  # knows each image's true style and content (labels, predict_proba, scene_of)
 
     @property
     def distribution_key(self) -> str:
@@ -83,7 +85,8 @@ def load_backbones(metrics: Sequence[str] = METRICS, *, clip_model: str | ClipBu
                    feature_extractor: str = "inception", device: str = "cpu", seed: int = 0) -> Backbones:
     """Load every backbone the metrics need before any work, so a missing weight fails first.
 
-    Without an oracle the oracle metrics are dropped (there is no truth to check against).
+    oracle: a loaded oracle (the toy world's: ``labels``, ``predict_proba(images)``, ``scene_of(prompt)``),
+    or None, which drops the oracle metrics (there is no truth to check against).
     """
     metrics = check_metric_names(metrics)
     if feature_extractor not in ("inception", "clip"):
@@ -98,10 +101,6 @@ def load_backbones(metrics: Sequence[str] = METRICS, *, clip_model: str | ClipBu
         b.inception = load_inception(inception_weights, device)
     if "lpips_diversity" in metrics:
         b.lpips, b.lpips_label = load_lpips(lpips_weights, device, seed)
-    if isinstance(oracle, (str, bytes)) or hasattr(oracle, "__fspath__"):
-        from research.toyworld.oracle import Oracle  # a toy-world folder: the only kind of oracle there is
-
-        oracle = Oracle.from_pretrained(oracle).to(device)
     b.oracle = oracle
     return b
 
@@ -179,24 +178,16 @@ def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequ
     difference adapter − baseline (same leave-outs on both arms) with "better": "higher" | "lower".
     adapter_images/baseline_images: PIL images aligned with `prompts` and `seeds` (baseline may be None:
     adapter only, no delta). seeds: the sampling seed of each image (None: images of one prompt are
-    its only clusters). references: the style's held-out images. timings: receives seconds per stage.
+    its only clusters). references: the style's held-out images. oracle: see load_backbones.
+    timings: receives seconds per stage.
     """
-    arms = {"adapter": list(adapter_images)}
-    if baseline_images is not None:
-        arms["baseline"] = list(baseline_images)
-    for arm, images in arms.items():
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} {arm} images but {len(prompts)} prompts; give one prompt per image.")
+    arms = _arms(adapter_images, baseline_images, prompts)
     with _timed(timings, "load"):
         b = load_backbones(metrics, clip_model=clip_model, inception_weights=inception_weights,
                            lpips_weights=lpips_weights, oracle=oracle, feature_extractor=feature_extractor,
                            device=device, seed=seed)
-    names = tuple(m for m in b.metrics if m != "oracle_style_accuracy" or target_style is not None)
-    needs_refs = {"style_similarity", "fid", "kid"} & set(names)
-    if needs_refs and len(references) < 2:
-        raise ValueError(f"{', '.join(sorted(needs_refs))} need at least 2 held-out reference images, got {len(references)}.")
-    if "oracle_style_accuracy" in names:
-        class_index("style", target_style, b.oracle.labels)  # an unknown style fails now, before any work
+    names = _names_to_compute(b, target_style, len(references))
+    needs_refs = bool(REFERENCE_METRICS & set(names))
     with _timed(timings, "features"):
         feats = {arm: image_features(b, images, arm, progress=progress) for arm, images in arms.items()}
         refs = image_features(b, list(references), "references", references=True, progress=progress) if needs_refs else None
@@ -208,10 +199,41 @@ def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequ
     for name in names:
         with _timed(timings, name):
             reps = {arm: metric_replicates(b, name, feats[arm], refs, design, text, target_style) for arm in arms}
-        for arm, (r, extras) in reps.items():
-            results[arm][name] = {**metric_interval(name, r), **extras}
-        if "baseline" in arms:
-            diff = reps["adapter"][0] - reps["baseline"][0]
-            lo, hi = BOUNDS.get(name, UNBOUNDED)  # a difference of two values in [lo, hi] lies in [lo - hi, hi - lo]
-            results["delta"][name] = {**interval(diff, (lo - hi, hi - lo)), "better": BETTER[name]}
+        _summarize_metric(results, name, reps)
     return results
+
+
+REFERENCE_METRICS = {"style_similarity", "fid", "kid"}  # measured against the held-out style images
+
+
+def _arms(adapter_images, baseline_images, prompts: Sequence[str]) -> dict[str, list]:
+    """{"adapter": images[, "baseline": images]}, each with one image per prompt."""
+    arms = {"adapter": list(adapter_images)}
+    if baseline_images is not None:
+        arms["baseline"] = list(baseline_images)
+    for arm, images in arms.items():
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} {arm} images but {len(prompts)} prompts; give one prompt per image.")
+    return arms
+
+
+def _names_to_compute(b: Backbones, target_style, n_references: int) -> tuple[str, ...]:
+    """The metrics that can be computed here (oracle style accuracy needs a target style), checked before any
+    work: enough references for those that need them, a style the oracle knows."""
+    names = tuple(m for m in b.metrics if m != "oracle_style_accuracy" or target_style is not None)
+    needs_refs = REFERENCE_METRICS & set(names)
+    if needs_refs and n_references < 2:
+        raise ValueError(f"{', '.join(sorted(needs_refs))} need at least 2 held-out reference images, got {n_references}.")
+    if "oracle_style_accuracy" in names:
+        class_index("style", target_style, b.oracle.labels)  # an unknown style fails now, before any work
+    return names
+
+
+def _summarize_metric(results: dict, name: str, reps: dict[str, tuple[Replicates, dict]]) -> None:
+    """Each arm's value and interval, and with a baseline the paired difference adapter − baseline."""
+    for arm, (r, extras) in reps.items():
+        results[arm][name] = {**metric_interval(name, r), **extras}
+    if "baseline" in reps:
+        diff = reps["adapter"][0] - reps["baseline"][0]
+        lo, hi = BOUNDS.get(name, UNBOUNDED)  # a difference of two values in [lo, hi] lies in [lo - hi, hi - lo]
+        results["delta"][name] = {**interval(diff, (lo - hi, hi - lo)), "better": BETTER[name]}

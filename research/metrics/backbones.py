@@ -1,29 +1,25 @@
 """Loaders for the metric backbones (CLIP, Inception, LPIPS/AlexNet).
 
 Each loader either returns a ready model or raises MissingWeightsError whose message is one sentence naming
-the backbone, the option that points to a local copy, and how to skip the metric instead.
+the backbone, the option that points to a local copy, and how to skip the metric instead. Each
+backbone's library (transformers, clean-fid's Inception, lpips) is imported inside its loader: a run
+loads only what the metrics it names need, and some of them are slow to import.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+
+from research.errors import MissingWeightsError
+from research.models import hf_offline
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # the issue's default CLIP; the toy world passes its own folder
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's TorchScript Inception (the TF FID network)
-
-
-class MissingWeightsError(Exception):
-    """A backbone's weights are neither local nor downloadable; the message says which option fixes it."""
-
-
-def _hf_offline() -> bool:
-    # read at call time: huggingface_hub reads its own copy only once, at import
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -42,7 +38,7 @@ def load_clip(name_or_path: str = DEFAULT_CLIP, device: str = "cpu") -> ClipBund
 
     local = Path(name_or_path).exists()
     try:
-        kwargs = {"local_files_only": local or _hf_offline()}
+        kwargs = {"local_files_only": local or hf_offline()}
         model = CLIPModel.from_pretrained(name_or_path, **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(name_or_path, **kwargs)
         processor = CLIPImageProcessor.from_pretrained(name_or_path, **kwargs)
@@ -125,7 +121,6 @@ def load_lpips(weights: str | None = None, device: str = "cpu", seed: int = 0) -
 
 def _load_alexnet_trunk(model: torch.nn.Module, path: Path) -> None:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         state = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)  # no pickled code from the file

@@ -10,6 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from cleanfid.resize import build_resizer
 from tqdm.auto import tqdm
 
 from .backbones import ClipBundle
@@ -49,8 +50,6 @@ def clip_text_features(clip: ClipBundle, prompts: Sequence[str]) -> np.ndarray:
 def inception_features(inception: torch.nn.Module, images: Sequence[Image.Image], with_probs: bool = False,
                        progress: bool = True, desc: str = "Inception") -> tuple[np.ndarray, np.ndarray | None]:
     """2048-d pool features in clean-fid's clean mode and, on request, the 1008-way class probabilities for IS."""
-    from cleanfid.resize import build_resizer
-
     resize = build_resizer("clean")  # PIL bicubic to 299 px without quantising, as clean-fid does
     device = next(inception.parameters()).device
     feats, probs = [], []

@@ -20,7 +20,7 @@ from research.config import TOY_CONFIG, TrainConfig
 from research.metrics.oracle import class_index, oracle_content_accuracy, oracle_style_accuracy
 from research.metrics.stats import summarize
 from research.models import load_pipeline, make_sampler
-from research.sample import generate, plan_jobs
+from research.sampling import generate, plan_jobs
 from research.toyworld import ORACLE_DIR, SD_DIR
 from research.toyworld.oracle import Oracle
 from research.toyworld.scenes import HELDOUT_SCENES, caption, parse_caption
