@@ -5,7 +5,7 @@ machine's limit (research/benchmarking/).
     python -m research.bench --model sd15 --device cuda --resolution 512 --batch-size 8   # SD 1.5 shapes (GPU)
     python -m research.bench --parts memory --rounds 3         # side by side, no sampling/eval/growth
 
-Our training step (research.train.train, the real loop, with its cached latents and text
+Our training step (research.training.loop.train, the real loop, with its cached latents and text
 embeddings) and the reference loop (research/benchmarking/reference_loop.py, the plain diffusers-example style)
 train the same LoRA on the same model, images and batch in one process, in alternating order round
 after round, so the machine's drift and other users' load fall on both alike. Each arm's peak
@@ -29,8 +29,8 @@ import torch
 
 from research.benchmarking.measurements import GROWTH, PARTS, run_bench
 from research.benchmarking.publish import publish
+from research.cli import user_errors_exit_2
 from research.config import TOY_CONFIG, ConfigError
-from research.models import ModelNotFoundError
 from research.tracking import setup_logging
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "reports" / "bench"
@@ -89,15 +89,12 @@ def check_args(args: argparse.Namespace) -> None:
             setattr(args, flag, values)
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        check_args(args)
-        report = run_bench(args)
-    except (ConfigError, ModelNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    check_args(args)
+    report = run_bench(args)
     publish(report, Path(args.out_dir), before=args.before, track=not args.no_tracking)
     return 0
 

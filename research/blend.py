@@ -20,11 +20,10 @@ import math
 import sys
 
 from research.arguments import add_config_arguments
+from research.cli import user_errors_exit_2
 from research.config import ConfigError
-from research.data import DataError
 from research.experiments.blend_files import WEIGHT_NAME
 from research.experiments.style_blend import DEFAULT_EXPERIMENT, FLAGS, run_blend
-from research.models import ModelNotFoundError
 from research.tracking import setup_logging
 
 
@@ -69,17 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        weights, export = parse_weights(args.weights), parse_export_weight(args.export_weight)
-        if not weights and export is None:
-            raise ConfigError("Nothing to do: pass --weights to sample or --export-weight to write a blended adapter.")
-        run_dir = run_blend(args.adapter_a, args.adapter_b, weights, export, args, track=not args.no_tracking)
-    except (ConfigError, DataError, ModelNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    weights, export = parse_weights(args.weights), parse_export_weight(args.export_weight)
+    if not weights and export is None:
+        raise ConfigError("Nothing to do: pass --weights to sample or --export-weight to write a blended adapter.")
+    run_dir = run_blend(args.adapter_a, args.adapter_b, weights, export, args, track=not args.no_tracking)
     print(f"\nDone. Blend folder: {run_dir}\n  grids:   {run_dir / 'thumbnails'}\n  metrics: {run_dir / 'metrics.json'}"
           + (f"\n  adapter: {run_dir / 'checkpoints' / WEIGHT_NAME}" if export is not None else "")
           + f"\n  figure:  python reports/blend_figure.py --run-dir {run_dir}")

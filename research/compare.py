@@ -26,12 +26,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from research.arguments import add_config_arguments, config_from_args
+from research.cli import user_errors_exit_2
 from research.config import RECIPE_LEARNING_RATES, ConfigError, parse_bool
 from research.experiments.method_comparison import (REFERENCE_LR, compare, format_table, learning_rates,
                                                      run_in_fresh_process, run_in_this_process)
+from research.data import require_style_dir
 from research.methods import METHODS
 
 
@@ -53,20 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods or len(set(methods)) != len(methods):
-            raise ConfigError(f"--methods must list distinct methods from {','.join(METHODS)}, got {args.methods!r}.")
-        cfg = config_from_args(args)
-        if not Path(cfg.style_dir).is_dir():
-            raise ConfigError(f"Style folder {cfg.style_dir} does not exist; pass a folder of images with --style-dir.")
-        rates = learning_rates(cfg, methods, args.learning_rates)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods must list distinct methods from {','.join(METHODS)}, got {args.methods!r}.")
+    cfg = config_from_args(args)
+    require_style_dir(cfg.style_dir)
+    rates = learning_rates(cfg, methods, args.learning_rates)
     start = time.perf_counter()
     runner = run_in_fresh_process if args.fresh_processes else run_in_this_process
     folder = compare(cfg, methods, rates, track=not args.no_tracking, runner=runner)

@@ -158,6 +158,25 @@ def require_style_dir(style_dir: str | Path) -> Path:
     return path
 
 
+def style_folders(data_root: Path, only: str = "") -> list[Path]:
+    """Sub-folders of data_root that hold images, in name order (--styles picks some by name)."""
+    if not data_root.is_dir():
+        raise DataError(f"--data-root {data_root} does not exist; pass a folder with one sub-folder per style "
+                        "(make data builds data/toy).")
+    found = [d for d in sorted(data_root.iterdir())
+             if d.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in d.iterdir())]
+    if only:
+        wanted = [s.strip() for s in only.split(",") if s.strip()]
+        missing = sorted(set(wanted) - {d.name for d in found})
+        if missing:
+            raise DataError(f"--styles names {', '.join(missing)}, not style folders of {data_root} "
+                            f"({', '.join(d.name for d in found) or 'none'}).")
+        found = [d for d in found if d.name in wanted]
+    if not found:
+        raise DataError(f"No style folder (a sub-folder with images) under {data_root}; add one per style.")
+    return found
+
+
 def load_style_folder(style_dir: str | Path, *, style_name: str = "", resolution: int = 512,
                       caption_template: str = "an illustration in {style} style", trigger_word: str = "",
                       holdout_fraction: float = 0.2, seed: int = 1126,

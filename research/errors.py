@@ -46,6 +46,18 @@ class ResumeError(ConfigError):
     """A resume that would not continue the run that ran (other flags, no state to resume from)."""
 
 
+class BlendError(ConfigError):
+    """Two adapters that cannot be blended, or a path that is not one; the message says what to pass."""
+
+
+class ObjectiveError(ConfigError):
+    """A search objective names a value the runs do not produce; the message lists the ones they do."""
+
+
+class StageError(UserError, RuntimeError):
+    """A study stage cannot start (its input is missing); the message says what to run first."""
+
+
 class RunInterrupted(BaseException):
     """SIGINT/SIGTERM reached a run: a BaseException like KeyboardInterrupt, so `except Exception`
     in library code does not swallow it."""

@@ -37,9 +37,10 @@ import sys
 import torch
 
 from research.arguments import add_config_arguments, config_from_args
+from research.cli import user_errors_exit_2
 from research.config import ConfigError, TrainConfig, parse_bool
 from research.experiments.hyperparameter_search import (DEFAULT_EXPERIMENT, DEFAULT_STORAGE, DEFAULT_TRIALS,
-                                                        ORIGINAL_GRID, PRUNERS, SAMPLERS, STOP_ERRORS,
+                                                        ORIGINAL_GRID, PRUNERS, SAMPLERS,
                                                         safe_storage, check_objectives, resolve_directions,
                                                         search, search_space)
 from research.experiments.search_records import print_summary
@@ -138,19 +139,16 @@ def resolve_options(args: argparse.Namespace, argv: list[str], cfg: TrainConfig)
     return opts
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        cfg = config_from_args(args)
-        opts = resolve_options(args, argv, cfg)
-        if opts.threads and opts.workers == 1:
-            torch.set_num_threads(opts.threads)  # this worker's share of the machine's cores
-        summary = search(cfg, opts)
-    except STOP_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    opts = resolve_options(args, argv, cfg)
+    if opts.threads and opts.workers == 1:
+        torch.set_num_threads(opts.threads)  # this worker's share of the machine's cores
+    summary = search(cfg, opts)
     if not summary.get("finalized", True):
         return 0
     return print_summary(summary)

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from research.cli import user_errors_exit_2
+from research.config import ConfigError
 from research.experiments.study import STAGES, record, run_study
 from research.tracking import REPO_ROOT, setup_logging
 
@@ -60,15 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     if not Path(args.config).is_file():
-        print(f"error: config {args.config} does not exist; pass --config with a JSON run config.", file=sys.stderr)
-        return 2
+        raise ConfigError(f"config {args.config} does not exist; pass --config with a JSON run config.")
     if args.trials <= 0:
-        print(f"error: --trials must be a positive number, got {args.trials}.", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--trials must be a positive number, got {args.trials}.")
     start = time.perf_counter()
     results = run_study(args)
     total = time.perf_counter() - start

@@ -18,13 +18,11 @@ import sys
 from pathlib import Path
 
 from research.arguments import add_config_arguments, config_from_args
+from research.cli import user_errors_exit_2
 from research.config import ConfigError, TOY_CONFIG
-from research.data import DataError
 from research.experiments.style_adapters import styles
-from research.models import ModelNotFoundError
 from research.tracking import REPO_ROOT, setup_logging
 
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,18 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@user_errors_exit_2
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        # the runs go to --experiment (exp1 by default), not to the experiment a --config file names
-        cfg = dataclasses.replace(config_from_args(args), experiment=args.experiment)
-        if args.grid_rows < 1:
-            raise ConfigError(f"--grid-rows must be at least 1, got {args.grid_rows}.")
-        summary = styles(cfg, Path(args.data_root), args.styles, args.grid_prompts_file, args.grid_rows)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # the runs go to --experiment (exp1 by default), not to the experiment a --config file names
+    cfg = dataclasses.replace(config_from_args(args), experiment=args.experiment)
+    if args.grid_rows < 1:
+        raise ConfigError(f"--grid-rows must be at least 1, got {args.grid_rows}.")
+    summary = styles(cfg, Path(args.data_root), args.styles, args.grid_prompts_file, args.grid_rows)
     keys = [k for k in ("adapter.style_similarity", "delta.style_similarity", "adapter.oracle_style_accuracy",
                         "cost.train_seconds") if any(k in r for r in summary["rows"])]
     print(f"\nExperiment I: {len(summary['rows'])} styles in {summary['wall_seconds']:.0f} s")

@@ -5,14 +5,17 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from PIL import Image
 
 from research import study
 from research.experiments import study as study_stages
 
 
 def args_for(tmp_path, *extra):
-    (tmp_path / "data" / "comic").mkdir(parents=True)
-    (tmp_path / "data" / "pastel").mkdir()
+    for style in ("comic", "pastel"):  # a style folder is a folder with images
+        (tmp_path / "data" / style).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / style / "0.png")
+    (tmp_path / "data" / "notes").mkdir()  # not a style: no images
     return study.build_parser().parse_args(["--data-root", str(tmp_path / "data"), *extra])
 
 

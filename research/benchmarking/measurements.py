@@ -1,6 +1,6 @@
 """What `make bench` measures: training speed beside the plain reference loop and the machine's limit.
 
-Our training step (research.train.train, the real loop, with its cached latents and text
+Our training step (research.training.loop.train, the real loop, with its cached latents and text
 embeddings) and the reference loop (reference_loop, the plain diffusers-example style) train the
 same LoRA on the same model, images and batch in one process, in alternating order round after
 round, so the machine's drift and other users' load fall on both alike. Each arm's peak memory is
@@ -219,7 +219,7 @@ def peak_memory(bench: Bench) -> dict:
     few steps of one arm. Children fork from a server that has imported the libraries and nothing
     else, so both arms start from the same memory and neither inherits the other's high-water mark."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["research.benchmarking.reference_loop", "research.train"])
+    ctx.set_forkserver_preload(["research.benchmarking.reference_loop", "research.training.loop"])
     cfg = bench.config(steps=3).to_dict()
     workers = 1 if bench.device.type == "cuda" else len(ARMS)  # a GPU child has the card to itself
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from research.atomic import atomic_path
 from research.config import TrainConfig
-from research.experiments.blend_math import Adapter, BlendError, blend_state_dict
+from research.errors import BlendError
+from research.experiments.blend_math import Adapter, blend_state_dict
 from research.methods.lora import LoRA, peft_key, to_kohya
 
 WEIGHT_NAME = LoRA.weight_name

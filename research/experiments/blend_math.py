@@ -18,15 +18,12 @@ from pathlib import Path
 
 import torch
 
-from research.config import ConfigError, TrainConfig
+from research.config import TrainConfig
+from research.errors import BlendError
 
 log = logging.getLogger("research")
 
 DOWN, UP = ".lora_A.weight", ".lora_B.weight"  # peft's names, the one scheme adapter files use
-
-
-class BlendError(ConfigError):
-    """Two adapters that cannot be blended, or a path that is not one; the message says what to pass."""
 
 
 @dataclass

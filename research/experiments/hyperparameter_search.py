@@ -36,13 +36,14 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from research.config import ConfigError, TrainConfig
-from research.data import DataError, style_folder_for
+from research.data import DataError, require_style_dir, style_folder_for
+from research.errors import ObjectiveError
 from research.evaluation import evaluate_samples, metric_names
-from research.experiments.search_records import (create_parent_run, finalize, mlflow_run_for_dir, retry_stale_trial,
+from research.experiments.search_records import (create_parent_run, finalize, mlflow_client, retry_stale_trial,
                                                  tag_worker, wait_for_parent, worker_name)
 from research.models import ModelNotFoundError
 from research.sampling import plan_jobs
-from research.tracking import REPO_ROOT, flatten_metrics, new_run_dir
+from research.tracking import REPO_ROOT, flatten_metrics, mlflow_run_for_dir, new_run_dir
 from research.experiments.one_run import run
 from research.training.hooks import sample_in_training
 from research.training.loop import StopTraining
@@ -64,10 +65,6 @@ SAMPLERS = ("auto", "tpe", "random", "grid", "nsga2")
 PRUNERS = ("median", "hyperband", "none")
 MEDIAN_STARTUP_TRIALS = 3  # the median pruner waits for this many finished trials before it prunes
 NSGA_POPULATION = 8  # NSGA-II generation size: small, since a toy study has tens of trials, not hundreds
-
-
-class ObjectiveError(ConfigError):
-    """The objective names a value the runs do not produce; the message lists the ones they do."""
 
 
 class Pruned(StopTraining):
@@ -209,7 +206,7 @@ class PruningHook:
 
 # ─── one trial ──────────────────────────────────────────────────────────────────────────────
 class TrialRunner:
-    """The Optuna objective: one trial = one research.train run, a child of the study's parent MLflow run."""
+    """The Optuna objective: one trial = one run of the one-run recipe (experiments.one_run), a child of the study's parent MLflow run."""
 
     def __init__(self, cfg: TrainConfig, study_name: str, objectives: list[str], space: dict, parent_run_id: str,
                  prune: tuple[str, int, int] | None = None):
@@ -262,7 +259,7 @@ class TrialRunner:
 
     def _finish_mlflow_run(self, trial, run_dir: Path, state: str, values: list[float] | None = None) -> None:
         """Link the trial and its MLflow run both ways; a trial without a usable objective is a FAILED run."""
-        client, run_id = mlflow_run_for_dir(self.cfg.experiment, run_dir)
+        client, run_id = mlflow_client(), mlflow_run_for_dir(run_dir)
         if run_id is None:  # failed before research.train opened a run
             return
         trial.set_user_attr("mlflow_run_id", run_id)
@@ -353,8 +350,7 @@ def open_study(storage, study_name: str, directions: list[str], settings: dict, 
 
 def search(cfg: TrainConfig, opts: argparse.Namespace) -> dict:
     """Run this worker's trials (or, with --workers K, K worker processes), then finalize the study."""
-    if not Path(cfg.style_dir).is_dir():
-        raise DataError(f"Style folder {cfg.style_dir} does not exist; pass a folder of images with --style-dir.")
+    require_style_dir(cfg.style_dir)
     storage = open_storage(opts.storage, opts.heartbeat_interval, cfg.experiment)
     settings = {"objectives": ",".join(opts.objectives), "search_sampler": opts.search_sampler,
                 "space": json.dumps(opts.space)}

@@ -121,10 +121,10 @@ def _attach_to_runs(folder: Path, comparison_id: str, experiment: str) -> None:
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
-    for run in mlflow.search_runs(experiment_names=[experiment], output_format="list",
-                                  filter_string=f"tags.comparison = '{comparison_id}'"):
+    for tracked in mlflow.search_runs(experiment_names=[experiment], output_format="list",
+                                      filter_string=f"tags.comparison = '{comparison_id}'"):
         for name in ("comparison.json", "comparison.png"):
-            client.log_artifact(run.info.run_id, str(folder / name), artifact_path="comparison")
+            client.log_artifact(tracked.info.run_id, str(folder / name), artifact_path="comparison")
 
 
 # ─── figure and table ────────────────────────────────────────────────────────────────────────

@@ -22,30 +22,23 @@ from research.config import TrainConfig
 from research.data import style_folder_for
 from research.evaluation import reevaluate_run
 from research.methods import get_method
-from research.tracking import experiment_id, flatten_metrics, tracking_uri
+from research.tracking import experiment_id, flatten_metrics, mlflow_run_for_dir, tracking_uri
 from research.training.checkpoints import STATE_PREFIX
 
 log = logging.getLogger("research")
 PARENT_WAIT_SECONDS = 60  # a worker that lost the race to create the study waits this long for its parent run
 
 
-def _client():
+def mlflow_client():
     import mlflow  # deferred, as everywhere in research/: its import takes seconds
 
     return mlflow.MlflowClient(tracking_uri())
 
 
-def mlflow_run_for_dir(experiment: str, run_dir: Path):
-    """(client, run id) of the research.train run that wrote run_dir, or (client, None)."""
-    client = _client()
-    found = client.search_runs([experiment_id(experiment)], filter_string=f"tags.run_dir = '{run_dir}'")
-    return client, (found[0].info.run_id if found else None)
-
-
 # ─── the parent run ─────────────────────────────────────────────────────────────────────────
 def create_parent_run(cfg, study_name: str, settings: dict) -> str:
     """The study's MLflow run: `mlflow run -e search`'s own run when there is one, else a new run in exp2."""
-    client = _client()
+    client = mlflow_client()
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if not run_id:
         run_id = client.create_run(experiment_id(cfg.experiment), run_name=study_name).info.run_id
@@ -74,7 +67,7 @@ def worker_name() -> str:
 def tag_worker(parent_run_id: str, seed: int, threads: int) -> None:
     """Each worker leaves its sampler seed on the parent run, so its draws can be repeated."""
     worker = worker_name()
-    client = _client()
+    client = mlflow_client()
     client.set_tag(parent_run_id, f"worker.{worker}.sampler_seed", str(seed))
     client.set_tag(parent_run_id, f"worker.{worker}.threads", str(threads or "all"))
 
@@ -87,7 +80,7 @@ def retry_stale_trial(experiment: str):
     def on_stale(study, trial) -> None:
         run_dir = trial.user_attrs.get("run_dir")
         if run_dir:
-            client, run_id = mlflow_run_for_dir(experiment, Path(run_dir))
+            client, run_id = mlflow_client(), mlflow_run_for_dir(Path(run_dir))
             if run_id:
                 client.set_tag(run_id, "trial_state", "FAIL (worker lost, retried)")
                 client.set_terminated(run_id, "FAILED")
@@ -212,7 +205,7 @@ def finalize(study, cfg, opts) -> dict:
 
 
 def log_to_parent(run_id: str, summary: dict) -> None:
-    client = _client()
+    client = mlflow_client()
     for state, count in summary["states"].items():
         client.log_metric(run_id, f"trials.{state.lower()}", count)
     if len(summary["best"]) == 1:  # one objective: the best trial's params and both of its numbers

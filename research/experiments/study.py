@@ -25,15 +25,13 @@ from pathlib import Path
 from typing import Callable
 
 from research.atomic import write_json
+from research.data import DataError, style_folders
+from research.errors import StageError
 from research.tracking import REPO_ROOT, Tracker, new_run_dir, tracking_uri
 
 log = logging.getLogger("research")
 STAGES = ("styles", "search", "compare", "blend", "report")
 EXPERIMENTS = {"styles": "exp1", "search": "exp2", "compare": "exp3", "blend": "exp4"}
-
-
-class StageError(RuntimeError):
-    """A stage cannot start (its input is missing); the message says what to run first."""
 
 
 @dataclass
@@ -71,13 +69,10 @@ def study_name(args) -> str:
 
 def first_style(args) -> Path:
     """The style folder Experiments II and III train on: --style, or the first under --data-root."""
-    root = Path(args.data_root)
-    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    if args.style:
-        folders = [p for p in folders if p.name == args.style]
-    if not folders:
-        raise StageError(f"No style folder {args.style or '(any)'} under {root}; run `make data` or pass --data-root.")
-    return folders[0]
+    try:
+        return style_folders(Path(args.data_root), args.style)[0]
+    except DataError as err:  # this stage cannot start; the stages that do not need a style folder still run
+        raise StageError(str(err)) from None
 
 
 # ─── the stages' commands ───────────────────────────────────────────────────────────────────

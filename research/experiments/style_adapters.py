@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from research.atomic import save_image, write_json
 from research.config import ConfigError, TrainConfig
-from research.data import IMAGE_EXTENSIONS, DataError, read_validation_prompts
+from research.data import read_validation_prompts, style_folders
 from research.methods import get_method
 from research.models import ModelNotFoundError, load_pipeline, make_sampler, pick_device, pick_precision, weight_dtype
 from research.sampling import Job, generate
@@ -31,25 +31,6 @@ from research.tracking import experiment_id, new_run_dir, tracking_uri
 from research.experiments.one_run import run
 
 log = logging.getLogger("research")
-
-
-def style_folders(data_root: Path, only: str = "") -> list[Path]:
-    """Sub-folders of data_root that hold images, in name order (--styles picks some by name)."""
-    if not data_root.is_dir():
-        raise DataError(f"--data-root {data_root} does not exist; pass a folder with one sub-folder per style "
-                        "(make data builds data/toy).")
-    found = [d for d in sorted(data_root.iterdir())
-             if d.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in d.iterdir())]
-    if only:
-        wanted = [s.strip() for s in only.split(",") if s.strip()]
-        missing = sorted(set(wanted) - {d.name for d in found})
-        if missing:
-            raise DataError(f"--styles names {', '.join(missing)}, not style folders of {data_root} "
-                            f"({', '.join(d.name for d in found) or 'none'}).")
-        found = [d for d in found if d.name in wanted]
-    if not found:
-        raise DataError(f"No style folder (a sub-folder with images) under {data_root}; add one per style.")
-    return found
 
 
 # ─── results table ──────────────────────────────────────────────────────────────────────────
