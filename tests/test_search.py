@@ -267,6 +267,34 @@ def test_two_workers_on_one_journal_file_share_the_trials(tiny_model, odd_style_
     assert len(seeds) == 2  # each worker drew with its own seed
 
 
+def test_a_dead_local_workers_journal_trial_is_failed_and_retried(tmp_path):
+    """The journal has no heartbeat: a RUNNING trial whose worker process on this machine is gone becomes
+    FAIL and is retried with its params; a live worker's trial is left alone."""
+    import os
+    import subprocess
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    from research.experiments.search_records import recover_dead_local_trials
+
+    storage = JournalStorage(JournalFileBackend(str(tmp_path / "optuna.journal")))
+    study = optuna.create_study(study_name="dead", storage=storage)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid now names no process
+    host = os.uname().nodename
+    for pid, rank in ((gone.pid, 8), (os.getpid(), 16)):
+        trial = study.ask()
+        trial.suggest_int("rank", rank, rank)
+        trial.set_user_attr("worker", f"{host}-{pid}")
+    recover_dead_local_trials("exp2")(study)
+    dead, alive, retry = study.trials
+    assert (dead.state.name, alive.state.name, retry.state.name) == ("FAIL", "RUNNING", "WAITING")
+    assert retry.params == dead.params == {"rank": 8} and retry.system_attrs["failed_trial"] == dead.number
+    recover_dead_local_trials("exp2")(study)  # a second look retries nothing twice
+    assert len(study.trials) == 3
+
+
 def test_objective_errors_are_one_sentence(study_dir, tiny_model, odd_style_dir, tiny_clip, capsys):
     out, _ = study_dir  # the same stores, another study
     args = search_args(odd_style_dir, tiny_model, tiny_clip, out, 2, study="bad_objective")

@@ -39,8 +39,8 @@ from research.config import ConfigError, TrainConfig
 from research.data import DataError, require_style_dir, style_folder_for
 from research.errors import ObjectiveError
 from research.evaluation import evaluate_samples, metric_names
-from research.experiments.search_records import (create_parent_run, finalize, mlflow_client, retry_stale_trial,
-                                                 tag_worker, wait_for_parent, worker_name)
+from research.experiments.search_records import (create_parent_run, finalize, mlflow_client, recover_dead_local_trials,
+                                                 retry_stale_trial, tag_worker, wait_for_parent, worker_name)
 from research.models import ModelNotFoundError
 from research.sampling import plan_jobs
 from research.tracking import REPO_ROOT, flatten_metrics, mlflow_run_for_dir, new_run_dir
@@ -377,6 +377,10 @@ def run_trials(study, cfg: TrainConfig, opts: argparse.Namespace, target: int) -
     prune = (metric, opts.report_every, opts.prune_images) if metric else None
     runner = TrialRunner(cfg, opts.study_name, opts.objectives, opts.space, parent, prune)
     callbacks = []
+    if "://" not in opts.storage:  # a journal file has no heartbeat: look for this machine's dead workers instead
+        recover = recover_dead_local_trials(cfg.experiment)
+        recover(study)
+        callbacks.append(recover)
     if target:  # shared by all workers: stop once the study holds `target` finished trials
         callbacks.append(optuna.study.MaxTrialsCallback(
             target, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))

@@ -15,7 +15,9 @@ import time
 import warnings
 from pathlib import Path
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
 from research.atomic import write_json
 from research.config import TrainConfig
@@ -84,10 +86,41 @@ def retry_stale_trial(experiment: str):
             if run_id:
                 client.set_tag(run_id, "trial_state", "FAIL (worker lost, retried)")
                 client.set_terminated(run_id, "FAILED")
-        log.warning("trial %d lost its worker (no heartbeat); retrying its params", trial.number)
+        log.warning("trial %d lost its worker; retrying its params", trial.number)
         retry(study, trial)
 
     return on_stale
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def recover_dead_local_trials(experiment: str):
+    """The journal file has no heartbeat, so a worker killed on this machine would leave its trial RUNNING
+    for ever. This callback (run at a worker's start and after each of its trials) fails every RUNNING
+    trial whose worker ran on this machine and is gone, then retries it exactly as a stale trial of an
+    RDB storage is retried. Workers on other machines cannot be checked: use an RDB URL there."""
+    on_stale, host = retry_stale_trial(experiment), os.uname().nodename
+
+    def recover(study, _finished=None) -> None:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            name, _, pid = trial.user_attrs.get("worker", "").rpartition("-")
+            if name != host or not pid.isdigit() or process_alive(int(pid)):
+                continue
+            try:  # the storage's own lock makes one worker the winner when several notice the same trial
+                study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # as Optuna's fail_stale_trials
+            except UpdateFinishedTrialError:
+                continue  # another worker failed (and retried) it first
+            on_stale(study, study._storage.get_trial(trial._trial_id))
+
+    return recover
 
 
 # ─── honest numbers: re-score on the reporting references and fresh seeds ────────────────────
