@@ -9,7 +9,8 @@ import pytest
 from scipy import ndimage
 
 from research.toyworld.captions import POSITIONS, TEMPLATES, probe, styled_caption
-from research.toyworld.scenes import ALL_SCENES, HELDOUT_SCENES, caption, parse_caption, render
+from research.toyworld.render import render
+from research.toyworld.scenes import ALL_SCENES, HELDOUT_SCENES, caption, parse_caption
 from research.toyworld.styles import STYLES
 from research.toyworld.textures import HELDOUT_FAMILIES, TRAIN_FAMILIES, texture
 from research.toyworld.unseen import WOODCUT_THRESHOLD, is_woodcut, render_unseen, woodcut_score

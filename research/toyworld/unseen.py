@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from research.toyworld.scenes import Scene, layout
+from research.toyworld.render import render_with
+from research.toyworld.scenes import Scene
 from research.toyworld.styles import paint
 
 UNSEEN_LOOKS = ("woodcut",)
@@ -45,10 +46,7 @@ def render_unseen(scene: Scene, look: str, seed: int, size: int = 64) -> Image.I
     """Like `scenes.render`, for a look outside STYLES: the same layout a seed gives every style."""
     if look not in UNSEEN_LOOKS:
         raise ValueError(f"unknown look {look!r}; choose one of {', '.join(UNSEEN_LOOKS)}")
-    lay, rng = layout(scene, seed, 2 * size)
-    pixels = paint_woodcut(lay, rng)
-    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-    return img.resize((size, size), Image.Resampling.BOX)
+    return render_with(paint_woodcut, scene, seed, size)
 
 
 def woodcut_score(image) -> float:
