@@ -1,0 +1,80 @@
+"""Building blocks of toy world v2: texture families, the unseen woodcut look and its detector, captions."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from research.toyworld.captions import POSITIONS, TEMPLATES, probe, styled_caption
+from research.toyworld.render import render
+from research.toyworld.scenes import ALL_SCENES, HELDOUT_SCENES, caption, parse_caption
+from research.toyworld.styles import STYLES
+from research.toyworld.textures import HELDOUT_FAMILIES, TRAIN_FAMILIES, texture
+from research.toyworld.unseen import WOODCUT_THRESHOLD, is_woodcut, render_unseen, woodcut_score
+
+
+@pytest.mark.parametrize("family", TRAIN_FAMILIES + HELDOUT_FAMILIES)
+def test_every_family_is_deterministic_varied_and_not_flat(family):
+    a = texture(family, np.random.default_rng(1))
+    b = texture(family, np.random.default_rng(1))
+    c = texture(family, np.random.default_rng(2))
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.astype(float).std() > 3  # something to encode, not a flat colour
+
+
+def test_unknown_family_names_the_known_ones():
+    with pytest.raises(ValueError, match="stripes"):
+        texture("plaid", np.random.default_rng(0))
+
+
+def test_woodcut_keeps_the_layout_of_the_same_seed():
+    scene = HELDOUT_SCENES[0]
+    plain = np.asarray(render(scene, "plain", 5), float)
+    wood = np.asarray(render_unseen(scene, "woodcut", 5), float)
+    # Same geometry and colours under the lines: blurred over a line period, the two images agree.
+    soft = lambda img: ndimage.gaussian_filter(img, sigma=(3, 3, 0))  # noqa: E731
+    assert np.corrcoef(soft(plain).ravel(), soft(wood).ravel())[0, 1] > 0.9
+    assert np.abs(plain - wood).mean() > 10  # and the look did change the pixels
+
+
+def test_detector_separates_woodcut_from_the_four_looks():
+    scenes = ALL_SCENES[::3]  # 50 scenes, every background and shape
+    seeds = range(800_000_000, 800_000_000 + len(scenes))
+    fires = {look: np.mean([is_woodcut(render(s, look, seed)) for s, seed in zip(scenes, seeds)]) for look in STYLES}
+    assert all(rate == 0 for rate in fires.values()), fires
+    wood = [woodcut_score(render_unseen(s, "woodcut", seed)) for s, seed in zip(scenes, seeds)]
+    assert min(wood) > 2 * WOODCUT_THRESHOLD
+
+
+def test_detector_is_about_the_lines_not_the_colours():
+    img = np.asarray(render_unseen(HELDOUT_SCENES[1], "woodcut", 9), np.uint8)
+    assert is_woodcut(img)
+    assert not is_woodcut(img[:, ::-1])  # mirrored: the lines run at -45°, same colours and energy
+
+
+def test_captions_cover_every_position_and_keep_the_content():
+    rng = np.random.default_rng(0)
+    seen = set()
+    for scene, style in itertools.islice(itertools.cycle(itertools.product(ALL_SCENES[:10], STYLES)), 400):
+        text = styled_caption(scene, style, rng)
+        assert style in text.split() or f"{style}:" in text.split() or f"{style}," in text.split(), text
+        for position, templates in TEMPLATES.items():
+            for template in templates:
+                head, _, tail = template.partition("{content}")
+                if text.startswith(head.format(style=style)) and text.endswith(tail.format(style=style)) and (head or tail):
+                    seen.add(position)
+    assert seen == set(POSITIONS)
+
+
+def test_probe_places_a_word_at_each_position():
+    prompt = caption(ALL_SCENES[7])
+    assert probe(prompt, "zzq", "prefix").startswith("zzq ")
+    assert probe(prompt, "zzq", "suffix").endswith(" zzq")
+    middle = probe(prompt, "zzq", "middle").split()
+    assert 0 < middle.index("zzq") < len(middle) - 1
+    assert parse_caption(probe(prompt, "zzq", "prefix")) == ALL_SCENES[7]
