@@ -70,7 +70,7 @@ def save_image(image, path: str | Path) -> None:
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: the bottom floor must not pull in matplotlib for every file write
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")

@@ -40,6 +40,7 @@ def evaluate_samples(cfg, samples: dict, references: list, device) -> dict:
         return {}
     # deferred on purpose: the metrics pull in clean-fid and torchvision (seconds of import time), which a
     # run with --metrics none, and every command refused before it starts, never needs
+    # deferred: clean-fid and torchvision load only when a run asks for metrics
     from research.metrics import compute_metrics
 
     prompts = [job.prompt for job in samples["jobs"]]

@@ -65,6 +65,7 @@ def load_pipeline(base_model: str, dtype: torch.dtype = torch.float32):
     """Return a ``StableDiffusionPipeline`` on CPU in `dtype`, or raise one clear error: a local file or
     folder that exists but does not load is broken (BrokenModelError); a hub id that cannot be fetched
     is missing (ModelNotFoundError)."""
+    # deferred: diffusers takes seconds to import; a refused flag answers before it
     from diffusers import StableDiffusionPipeline
 
     source = resolve_base_model(base_model)
@@ -148,6 +149,7 @@ def make_sampler(pipe, sampler: str, prediction_type: str = ""):
     prediction_type: what the UNet in the pipeline predicts now (an adapter trained for v-prediction on an
     epsilon base predicts v); empty keeps the pipeline's own.
     """
+    # deferred: diffusers takes seconds to import; a refused flag answers before it
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
     classes = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}

@@ -18,7 +18,7 @@ CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789,.-'")
 
 def write_char_tokenizer(folder: Path, max_length: int = 32):
     """A character-level CLIPTokenizer: every letter is a token, no merges."""
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer  # deferred: each builder imports only what its model needs
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS + [f"{c}</w>" for c in CHARS])}
@@ -56,6 +56,7 @@ SIZES = {
 
 def build_random_pipeline(folder: Path, size: str = "tiny", seed: int = 0) -> Path:
     """Write a randomly initialised SD 1.x diffusers folder to `folder`/model and return its path."""
+    # deferred: each builder imports only what its model needs
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -78,6 +79,7 @@ def build_random_pipeline(folder: Path, size: str = "tiny", seed: int = 0) -> Pa
 
 def write_tiny_clip(folder: str | Path, seed: int = 0, width: int = 32, image_size: int = 64) -> Path:
     """A random tiny CLIPModel folder with a char-level CLIPTokenizer and an image processor at `image_size`."""
+    # deferred: each builder imports only what its model needs
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder = Path(folder)

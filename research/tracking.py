@@ -141,7 +141,7 @@ def update_record(run_dir: Path, **fields: Any) -> None:
 def mark_dead_runs(output_dir: str | Path | None = None) -> list[str]:
     """Mark KILLED every MLflow run left RUNNING by a process of this host that is gone (and, given
     output_dir, every run folder whose run.json says RUNNING for such a process). Returns what it marked."""
-    import mlflow
+    import mlflow  # deferred: mlflow takes seconds to import; untracked runs and refused commands never need it
     from mlflow.entities import ViewType
 
     marked = []
@@ -258,7 +258,7 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 def experiment_id(name: str) -> str:
     """The MLflow experiment of that name, created if missing (artifacts beside a SQLite store)."""
-    import mlflow
+    import mlflow  # deferred: mlflow takes seconds to import; untracked runs and refused commands never need it
 
     mlflow.set_tracking_uri(tracking_uri())
     found = mlflow.get_experiment_by_name(name)
@@ -294,7 +294,7 @@ class Tracker:
 
     def _start(self, experiment: str, run_name: str, tags: dict[str, str], identity: dict[str, str],
                record: dict[str, Any]) -> None:
-        import mlflow
+        import mlflow  # deferred: mlflow takes seconds to import; untracked runs and refused commands never need it
 
         self.mlflow = mlflow
         uri = tracking_uri()
@@ -381,7 +381,7 @@ def mlflow_run_for_dir(run_dir: Path) -> str | None:
     """The MLflow run id of the run that wrote run_dir, or None: the run its run.json names when that run is
     tagged with this very folder (a copied folder carries the run.json of another run), else a search
     of the store for the run tagged with it."""
-    import mlflow
+    import mlflow  # deferred: mlflow takes seconds to import; untracked runs and refused commands never need it
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -399,7 +399,7 @@ def mlflow_run_for_dir(run_dir: Path) -> str | None:
 
 def log_to_finished_run(run_dir: Path, metrics: dict[str, float], artifact: Path) -> str | None:
     """Add metrics and a file to the MLflow run of run_dir (a re-evaluation); returns its id, None if untracked."""
-    import mlflow
+    import mlflow  # deferred: mlflow takes seconds to import; untracked runs and refused commands never need it
 
     run_id = mlflow_run_for_dir(run_dir)
     if run_id:
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m research.tracking", description=main.__doc__)
     parser.add_argument("--output-dir", default="runs", help="root of run folders to check as well")
     args = parser.parse_args(argv)
-    import mlflow
+    import mlflow  # deferred: mlflow takes seconds to import; untracked runs and refused commands never need it
 
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)

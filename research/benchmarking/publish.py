@@ -129,7 +129,7 @@ def growth_figure(growth: dict, path: Path) -> None:
     import matplotlib  # deferred: plotting libraries load slowly and results.md needs none of them
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: plotting libraries load only when a figure is drawn
     import seaborn as sns
     from matplotlib.ticker import FormatStrFormatter, NullLocator
 

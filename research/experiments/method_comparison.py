@@ -132,7 +132,7 @@ def draw(result: dict, out: Path) -> Path:
     import matplotlib  # deferred: plotting libraries load slowly and only the end of a comparison draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: plotting libraries load only when a figure is drawn
     import seaborn as sns
 
     done = {m: r for m, r in result["methods"].items() if r["status"] == "finished"}

@@ -188,7 +188,7 @@ def draw_figures(study, out_dir: Path) -> list[Path]:
     import matplotlib  # deferred: plotting libraries load slowly and only the study's end draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: plotting libraries load only when a figure is drawn
     from optuna.visualization import matplotlib as ovm
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ class ClipBundle:
 
 
 def load_clip(name_or_path: str = DEFAULT_CLIP, device: str = "cpu") -> ClipBundle:
+    # deferred: only the chosen backbone is imported
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     local = Path(name_or_path).exists()
@@ -59,7 +60,7 @@ def load_inception(weights: str | None = None, device: str = "cpu") -> torch.nn.
     weights: None downloads to clean-fid's cache folder; a file or a folder holding inception-2015-12-05.pt
     loads that copy.
     """
-    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.inception_torchscript import InceptionV3W  # deferred: only the chosen backbone is imported
 
     hint = ("pass --inception-weights with a local inception-2015-12-05.pt, or leave out fid, kid and "
             "inception_score via --metrics.")
@@ -96,7 +97,7 @@ def load_lpips(weights: str | None = None, device: str = "cpu", seed: int = 0) -
     holds a torchvision AlexNet state dict; "random" builds a seeded random trunk (the toy world, where no
     AlexNet weights exist). The linear layers always come from the lpips package itself.
     """
-    import lpips
+    import lpips  # deferred: only the chosen backbone is imported
 
     warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", module="torchvision")  # lpips uses the old API
     hint = "pass --lpips-weights with a local AlexNet .safetensors/.pth (or 'random'), or leave out lpips_diversity via --metrics."

@@ -24,6 +24,7 @@ pixels.
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 SIZE = 64
@@ -122,8 +123,6 @@ def _noise(rng, size):
 
 
 def _polygons(rng, size):
-    from PIL import Image, ImageDraw
-
     colours = palette(rng, 6).astype(np.uint8)
     img = Image.new("RGB", (2 * size, 2 * size), tuple(int(c) for c in colours[0]))
     draw = ImageDraw.Draw(img)
