@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed ## create .venv with the pinned requirements (a no-op once done)
 
-$(TOY_DATA)/.done: $(VENV)/.installed research/toyworld/generate.py research/toyworld/scenes.py research/toyworld/styles.py
+$(TOY_DATA)/.done: $(VENV)/.installed research/toyworld/generate.py research/toyworld/scenes.py research/toyworld/styles.py research/toyworld/render.py
 	$(PY) -m research.toyworld.generate --out $(TOY_DATA)
 	touch $@
 
