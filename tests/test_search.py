@@ -271,6 +271,7 @@ def test_a_dead_local_workers_journal_trial_is_failed_and_retried(tmp_path):
     """The journal has no heartbeat: a RUNNING trial whose worker process on this machine is gone becomes
     FAIL and is retried with its params; a live worker's trial is left alone."""
     import os
+    import socket
     import subprocess
 
     import optuna
@@ -282,7 +283,7 @@ def test_a_dead_local_workers_journal_trial_is_failed_and_retried(tmp_path):
     study = optuna.create_study(study_name="dead", storage=storage)
     gone = subprocess.Popen(["true"])
     gone.wait()  # its pid now names no process
-    host = os.uname().nodename
+    host = socket.gethostname()
     for pid, rank in ((gone.pid, 8), (os.getpid(), 16)):
         trial = study.ask()
         trial.suggest_int("rank", rank, rank)

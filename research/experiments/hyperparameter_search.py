@@ -43,7 +43,7 @@ from research.experiments.search_records import (create_parent_run, finalize, ml
                                                  retry_stale_trial, tag_worker, wait_for_parent, worker_name)
 from research.models import ModelNotFoundError
 from research.sampling import plan_jobs
-from research.tracking import REPO_ROOT, flatten_metrics, mlflow_run_for_dir, new_run_dir
+from research.tracking import REPO_ROOT, flatten_metrics, mlflow_run_for_dir, new_run_dir, process_identity
 from research.experiments.one_run import run
 from research.training.hooks import sample_in_training
 from research.training.loop import StopTraining
@@ -224,6 +224,7 @@ class TrialRunner:
         cfg.validate()
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", worker_name())
+        trial.set_user_attr("worker_pid_start", process_identity()["pid_start"])  # a reused pid is not this worker
         tags = {"study_name": self.study_name, "trial_number": str(trial.number),
                 "objective": ",".join(self.objectives), "mlflow.parentRunId": self.parent_run_id}
         log.info("trial %d: %s -> %s", trial.number, params, run_dir)

@@ -24,7 +24,8 @@ from research.config import TrainConfig
 from research.data import style_folder_for
 from research.evaluation import reevaluate_run
 from research.methods import get_method
-from research.tracking import experiment_id, flatten_metrics, mlflow_run_for_dir, tracking_uri
+from research.tracking import (experiment_id, flatten_metrics, mlflow_run_for_dir, process_alive, process_identity,
+                               tracking_uri)
 from research.training.checkpoints import STATE_PREFIX
 
 log = logging.getLogger("research")
@@ -63,7 +64,8 @@ def wait_for_parent(study, cfg, settings: dict) -> None:
 
 
 def worker_name() -> str:
-    return f"{os.uname().nodename}-{os.getpid()}"
+    me = process_identity()  # the identity run records use to tell a live process from a gone one
+    return f"{me['host']}-{me['pid']}"
 
 
 def tag_worker(parent_run_id: str, seed: int, threads: int) -> None:
@@ -92,27 +94,17 @@ def retry_stale_trial(experiment: str):
     return on_stale
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
 def recover_dead_local_trials(experiment: str):
     """The journal file has no heartbeat, so a worker killed on this machine would leave its trial RUNNING
     for ever. This callback (run at a worker's start and after each of its trials) fails every RUNNING
     trial whose worker ran on this machine and is gone, then retries it exactly as a stale trial of an
     RDB storage is retried. Workers on other machines cannot be checked: use an RDB URL there."""
-    on_stale, host = retry_stale_trial(experiment), os.uname().nodename
+    on_stale = retry_stale_trial(experiment)
 
     def recover(study, _finished=None) -> None:
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            name, _, pid = trial.user_attrs.get("worker", "").rpartition("-")
-            if name != host or not pid.isdigit() or process_alive(int(pid)):
+            host, _, pid = trial.user_attrs.get("worker", "").rpartition("-")
+            if process_alive(pid, host, trial.user_attrs.get("worker_pid_start")):  # or on another machine
                 continue
             try:  # the storage's own lock makes one worker the winner when several notice the same trial
                 study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # as Optuna's fail_stale_trials
