@@ -95,10 +95,11 @@ def evaluate_blend(cfg: TrainConfig, images: dict[float, list[Image.Image]], job
     names = metric_names(cfg)
     if not names:
         return {}
+    device = pick_device(cfg.device)
     try:
         bk = load_backbones(names, clip_model=cfg.clip_model, inception_weights=cfg.inception_weights or None,
-                            lpips_weights=cfg.lpips_weights or None, oracle=load_oracle(cfg.oracle, pick_device(cfg.device)),
-                            feature_extractor=cfg.feature_extractor, device=str(pick_device(cfg.device)), seed=cfg.seed)
+                            lpips_weights=cfg.lpips_weights or None, oracle=load_oracle(cfg.oracle, device),
+                            feature_extractor=cfg.feature_extractor, device=str(device), seed=cfg.seed)
     except MissingWeightsError as err:
         log.error("evaluation skipped: %s", err)  # the images are kept; the fix is in the message
         return {"evaluation_error": str(err)}
