@@ -36,10 +36,12 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
+from research.toyworld.captions import styled_caption
 from research.toyworld.oracle import HEADS, Oracle
 from research.toyworld.render import render
 from research.toyworld.scenes import ALL_SCENES, BACKGROUNDS, COLOURS, SHAPES, TRAIN_SCENES, caption
 from research.toyworld.styles import STYLES
+from research.toyworld.textures import TRAIN_FAMILIES, texture
 from research.toyworld.tokenizer import build_tokenizer
 
 STAGES = ("clip", "vae", "unet", "oracle")
@@ -56,10 +58,11 @@ class Recipe:
     clip_batch: int = 512  # large batches make the contrastive task hard enough to learn fine words
     clip_lr: float = 1e-3
     vae_images: int = 24_000
-    vae_steps: int = 3_000
+    vae_steps: int = 10_000  # textures as well as looks: v1's 3,000 looks-only steps left hatching at ~11 dB
     vae_batch: int = 128
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6  # SD's VAE uses a tiny KL term: latents stay near-deterministic but bounded
+    vae_texture_fraction: float = 0.5  # the rest are the four looks: textures make the VAE encode looks it never saw
     unet_images: int = 10_000  # plain only: ~75 layouts per training triple
     unet_steps: int = 5_000  # 2,250 steps without offset noise: 84% content, 70% plain; 5,000 with it: 97%, 98%
     unet_batch: int = 32
@@ -67,6 +70,8 @@ class Recipe:
     unet_ema: float = 0.999  # sampling quality of tiny diffusion models depends a lot on EMA weights
     unet_checkpoint_every: int = 250  # ship-ready pipeline written this often (long CPU runs can stop early)
     caption_dropout: float = 0.1  # empty caption this often, so classifier-free guidance works
+    caption_variants: int = 8  # captions drawn per (scene, style) from captions.py's grammar, tokenised once
+    extra_word_rate: float = 0.3  # share of captions with a filler or made-up word at a random position
     unet_noise_offset: float = 0.1  # offset noise: without it the UNet cannot move a latent channel's mean, and a seed
     # whose noise has a positive mean in channel 1 decodes to a dot grid the oracle calls `comic`
     oracle_images: int = 24_000
@@ -78,7 +83,7 @@ class Recipe:
     def scaled(self, scale: float) -> "Recipe":
         out = Recipe()
         for name, value in vars(self).items():
-            if isinstance(value, int) and not name.endswith("batch"):
+            if isinstance(value, int) and not name.endswith(("batch", "variants")):
                 setattr(out, name, max(8, int(value * scale)))
         return out
 
@@ -108,6 +113,18 @@ def render_set(n: int, styles: tuple[str, ...], stage_seed: int, workers: int) -
         "colour": np.array([COLOURS.index(s.colour) for s in scenes]),
         "background": np.array([BACKGROUNDS.index(s.background) for s in scenes]),
     }
+
+
+def _texture_chunk(items: list[tuple[str, int]]) -> np.ndarray:
+    return np.stack([texture(family, np.random.default_rng(seed)) for family, seed in items])
+
+
+def texture_set(n: int, families: tuple[str, ...], stage_seed: int, workers: int) -> np.ndarray:
+    """n procedural textures (N×64×64×3 uint8), families balanced, each from its own seed."""
+    items = [(families[i % len(families)], stage_seed * 10**7 + i) for i in range(n)]
+    chunks = [items[i : i + 500] for i in range(0, n, 500)]
+    with ProcessPoolExecutor(workers) as pool:
+        return np.concatenate(list(tqdm(pool.map(_texture_chunk, chunks), total=len(chunks), desc=f"textures {n}", leave=False)))
 
 
 def to_unit(images: np.ndarray, device) -> torch.Tensor:
@@ -154,6 +171,13 @@ def atomic_save(target: Path, save_fn) -> None:
 
 
 # ----------------------------------------------------------------------------- CLIP
+def caption_table(recipe: Recipe, styles: list, seed: int) -> list[str]:
+    """Captions in the order scene → style (None: no style named) → variant, drawn from one seed."""
+    rng = np.random.default_rng(seed)
+    return [styled_caption(scene, style, rng, recipe.extra_word_rate)
+            for scene in ALL_SCENES for style in styles for _ in range(recipe.caption_variants)]  # fmt: skip
+
+
 def train_clip(recipe: Recipe, tokenizer, device, workers: int):
     torch.manual_seed(1)
     config = CLIPConfig(
@@ -168,9 +192,12 @@ def train_clip(recipe: Recipe, tokenizer, device, workers: int):
     model = CLIPModel(config).to(device)
     data = render_set(recipe.clip_images, STYLES, stage_seed=1, workers=workers)
     pixels = torch.from_numpy(data["images"]).to(device)  # uint8 on device; normalised per batch
-    # Caption table: per scene, one caption per style plus the content-only caption (column 4).
-    texts = [caption(s) + f", {st} style" for s in ALL_SCENES for st in STYLES] + [caption(s) for s in ALL_SCENES]
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+    # Caption table: per scene, `caption_variants` captions for each style and for no style (column 4),
+    # the style phrase anywhere and sometimes a filler or made-up word (captions.py), so the encoder
+    # reads every word order and an extra word does not wipe the content out.
+    table = caption_table(recipe, [*STYLES, None], seed=1)
+    ids = tokenizer(table, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+    variants, columns = recipe.caption_variants, len(STYLES) + 1
     scene_t, style_t = torch.from_numpy(data["scene"]).to(device), torch.from_numpy(data["style"]).to(device)
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
@@ -180,11 +207,12 @@ def train_clip(recipe: Recipe, tokenizer, device, workers: int):
         idx = torch.randint(len(pixels), (recipe.clip_batch,), device=device, generator=gen)
         # A quarter of captions leave the style out, so content-only prompts still match their images.
         named = torch.rand(recipe.clip_batch, device=device, generator=gen) < 0.75
-        cap = torch.where(named, scene_t[idx] * 4 + style_t[idx], 4 * len(ALL_SCENES) + scene_t[idx])
+        key = scene_t[idx] * columns + torch.where(named, style_t[idx], columns - 1)  # what a caption says
+        variant = torch.randint(variants, (recipe.clip_batch,), device=device, generator=gen)
         x = (pixels[idx].permute(0, 3, 1, 2).float() / 255 - mean) / std
-        logits = model(input_ids=ids[cap], pixel_values=x).logits_per_image
-        # Several images in a batch share a caption: all of them are positives, not just the diagonal.
-        same = (cap[:, None] == cap[None, :]) | ((scene_t[idx][:, None] == scene_t[idx][None, :]) & ~named[None, :] & ~named[:, None])
+        logits = model(input_ids=ids[key * variants + variant], pixel_values=x).logits_per_image
+        # Several images in a batch share what their caption says: all of them are positives, not just the diagonal.
+        same = key[:, None] == key[None, :]
         target = same.float() / same.float().sum(1, keepdim=True)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target.t() / target.t().sum(1, keepdim=True))) / 2
         take_step(opt, loss, step, bar, digits=3)
@@ -217,8 +245,9 @@ def make_vae():
 def train_vae(recipe: Recipe, device, workers: int):
     torch.manual_seed(2)
     vae = make_vae().to(device)
-    data = render_set(recipe.vae_images, STYLES, stage_seed=2, workers=workers)
-    pixels = torch.from_numpy(data["images"]).to(device)
+    n_textures = int(recipe.vae_images * recipe.vae_texture_fraction)
+    looks = render_set(recipe.vae_images - n_textures, STYLES, stage_seed=2, workers=workers)["images"]
+    pixels = torch.from_numpy(np.concatenate([looks, texture_set(n_textures, TRAIN_FAMILIES, stage_seed=2, workers=workers)])).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     gen = torch.Generator(device).manual_seed(2)
     for step, bar in cosine_steps(opt, recipe.vae_lr, recipe.vae_steps, 200, "vae"):
@@ -271,8 +300,11 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
     with torch.no_grad():
         moments = torch.cat([vae.encode(b * 2 - 1).latent_dist.parameters for b in to_unit(data["images"], device).split(512)])
     sf = vae.config.scaling_factor
-    embeds = encode_text(text_encoder, tokenizer, [caption(s) for s in ALL_SCENES] + [""], device)
-    empty = len(ALL_SCENES)
+    # Content-only captions, some with a filler or made-up word anywhere: the base model keeps the
+    # content when a prompt gains a word (a Textual Inversion token, a typo) at any position.
+    variants = recipe.caption_variants
+    embeds = encode_text(text_encoder, tokenizer, caption_table(recipe, [None], seed=3) + [""], device)
+    empty = len(ALL_SCENES) * variants
     scene_t = torch.from_numpy(data["scene"]).to(device)
     alphas = scheduler.alphas_cumprod.to(device)
     ema = EMAModel(unet.parameters(), decay=recipe.unet_ema, foreach=True)
@@ -287,7 +319,8 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
         mean, logvar = moments[idx].chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, device=device, generator=gen)) * sf
         drop = torch.rand(recipe.unet_batch, device=device, generator=gen) < recipe.caption_dropout
-        cond = embeds[torch.where(drop, empty, scene_t[idx])]
+        variant = torch.randint(variants, (recipe.unet_batch,), device=device, generator=gen)
+        cond = embeds[torch.where(drop, empty, scene_t[idx] * variants + variant)]
         noise = torch.randn(latents.shape, device=device, generator=gen)
         noise += recipe.unet_noise_offset * torch.randn((*latents.shape[:2], 1, 1), device=device, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.unet_batch,), device=device, generator=gen)
@@ -468,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_flush_denormal(True)  # tiny gradients turn denormal on CPU and slow every step
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # fixed shapes throughout: let cuDNN pick its fastest convolutions
     args.out.mkdir(parents=True, exist_ok=True)
     r = Run(args, Recipe().scaled(args.scale), torch.device(args.device), build_tokenizer(), {})
     text_encoder = text_encoder_from_clip(clip_stage(r))
