@@ -8,6 +8,7 @@ PY := $(VENV)/bin/python
 TOY_DATA := data/toy
 TOY_CONFIG := research/configs/toy.json
 TOY_STYLES := pastel,vivid,comic# data/toy's stand-ins for the seed's styles (plain is the base model's own look)
+WOODCUT_DATA := data/woodcut# a look no toy component was trained on; outside data/toy, so Experiment I leaves it out
 
 # Optional knobs, e.g. `make train STYLE_DIR=data/ghibli RANK=16`; ARGS passes anything else.
 CONFIG ?=
@@ -16,10 +17,10 @@ FLAGS = $(if $(CONFIG),--config $(CONFIG)) $(if $(STYLE_DIR),--style-dir $(STYLE
 	$(if $(LORA_ALPHA),--lora-alpha $(LORA_ALPHA)) $(if $(STEPS),--max-train-steps $(STEPS)) \
 	$(if $(LR),--learning-rate $(LR)) $(if $(EXPERIMENT),--experiment $(EXPERIMENT)) $(ARGS)
 
-.PHONY: help setup quickstart test test-slow train sample evaluate compare styles search blend report study data toyworld ui bench clean clean-runs
+.PHONY: help setup quickstart test test-slow train sample evaluate compare styles search blend report study data data-woodcut toyworld ui bench clean clean-runs
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,12 @@ $(TOY_DATA)/.done: $(VENV)/.installed research/toyworld/generate.py research/toy
 	touch $@
 
 data: $(TOY_DATA)/.done ## generate the toy-world style folders (data/toy/<style>/)
+
+# validation_prompts.txt is written last, inside a folder that is renamed into place whole: it marks a finished folder
+$(WOODCUT_DATA)/validation_prompts.txt: $(VENV)/.installed research/toyworld/generate.py research/toyworld/scenes.py research/toyworld/styles.py research/toyworld/render.py research/toyworld/unseen.py
+	$(PY) -m research.toyworld.generate --out $(dir $(WOODCUT_DATA)) --styles $(notdir $(WOODCUT_DATA))
+
+data-woodcut: $(WOODCUT_DATA)/validation_prompts.txt ## a style folder in a look no toy component knows (data/woodcut/); then: make train CONFIG=research/configs/toy.json STYLE_DIR=data/woodcut
 
 quickstart: setup data ## train a LoRA on the embedded toy default, sample, evaluate, print where to look
 	$(PY) -m research.train --config $(TOY_CONFIG) $(ARGS)
@@ -88,5 +95,5 @@ clean-runs: ## mark KILLED the MLflow runs and run folders left RUNNING by a pro
 	$(PY) -m research.tracking --output-dir runs
 
 clean: ## remove caches and regenerable toy data (keeps runs/ and mlflow.db)
-	rm -rf .pytest_cache $(TOY_DATA)
+	rm -rf .pytest_cache $(TOY_DATA) $(WOODCUT_DATA)
 	find . -name __pycache__ -type d -not -path './$(VENV)/*' -exec rm -rf {} +

@@ -32,6 +32,7 @@ METRIC_LABELS = {
     "oracle_style_accuracy": "oracle style accuracy (fraction)",
     "oracle_content_accuracy": "oracle content accuracy (fraction)",
     "oracle_style_prob": "oracle style probability (0-1)",
+    "detector_style_accuracy": "hand-written detector's style rate (fraction)",
 }
 COST_LABELS = {  # MLflow key cost.<k>: (axis label with unit, scale from the logged unit)
     "train_seconds": ("training time (s)", 1.0),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import struct
+import subprocess
+import sys
 import zlib
 import tempfile
 from pathlib import Path
@@ -20,6 +22,7 @@ from PIL import Image
 
 from research.random_models import build_random_pipeline, write_char_tokenizer  # noqa: F401 (shared with tests)
 
+REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"  # never the repo store
 
@@ -81,9 +84,21 @@ def tiny_train_args(style_dir: Path, model: Path, out: Path, **overrides) -> lis
     return args
 
 
+def train_style(style_dir: Path, out: Path) -> Path:
+    """A LoRA on `style_dir` through the real entry point at the toy defaults (what `make quickstart` runs);
+    the run folder. Minutes on a CPU: for the slow learning checks."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{out / 'mlflow.db'}")
+    proc = subprocess.run([sys.executable, "-m", "research.train", "--config", "research/configs/toy.json",
+                           "--style-dir", str(style_dir), "--output-dir", str(out / "runs"), "--device", "cpu"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = list((out / "runs" / "quickstart").iterdir())
+    return run
+
+
 def load_report(name: str):
     """A report script (reports/<name>.py) imported as a module; reports/ is scripts, not a package."""
-    path = Path(__file__).resolve().parent.parent / "reports" / f"{name}.py"
+    path = REPO / "reports" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -8,16 +8,13 @@ Each style trains through the real entry point with the embedded default config,
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_style
 
 from research.toyworld import ORACLE_DIR, SD_DIR
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (SD_DIR / "model_index.json").is_file(), reason="toy weights not built")]
 
@@ -30,16 +27,6 @@ def toy_data(tmp_path_factory) -> Path:
     for style in ["pastel", "vivid", "comic"]:
         generate_style_folder(out, style, IMAGES_PER_STYLE)  # what `make data` writes
     return out
-
-
-def train_style(style_dir: Path, out: Path) -> Path:
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{out / 'mlflow.db'}")
-    proc = subprocess.run([sys.executable, "-m", "research.train", "--config", "research/configs/toy.json",
-                           "--style-dir", str(style_dir), "--output-dir", str(out / "runs"), "--device", "cpu"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = list((out / "runs" / "quickstart").iterdir())
-    return run
 
 
 STYLES = ["pastel", "vivid", "comic"]

@@ -28,17 +28,20 @@ from .stats import Design, Replicates, interval, mean_statistic, replicate, summ
 METRICS = ("clip_score", "style_similarity", "fid", "kid", "inception_score", "lpips_diversity",
            "oracle_style_accuracy", "oracle_content_accuracy")
 ORACLE_METRICS = ("oracle_style_accuracy", "oracle_content_accuracy")
+# What oracle_style_accuracy becomes for a look outside the oracle's styles that the oracle has a
+# hand-written detector for (the toy world's unseen woodcut): the share of images the detector calls that look.
+DETECTOR_METRIC = "detector_style_accuracy"
 # which way is better, for the arrow in tables and the findings: FID and KID are distances to the style
-BETTER = {"clip_score": "higher", "style_similarity": "higher", "fid": "lower", "kid": "lower",
+BETTER = {DETECTOR_METRIC: "higher", "clip_score": "higher", "style_similarity": "higher", "fid": "lower", "kid": "lower",
           "inception_score": "higher", "lpips_diversity": "higher", "oracle_style_accuracy": "higher",
           "oracle_content_accuracy": "higher"}
 UNBOUNDED = (-np.inf, np.inf)
 # natural ranges: an interval clipped to them still contains its estimate (KID is unbiased, so it can be < 0)
-BOUNDS = {"clip_score": (0.0, 100.0), "style_similarity": (-1.0, 1.0), "fid": (0.0, np.inf),
+BOUNDS = {DETECTOR_METRIC: (0.0, 1.0), "clip_score": (0.0, 100.0), "style_similarity": (-1.0, 1.0), "fid": (0.0, np.inf),
           "inception_score": (1.0, np.inf), "lpips_diversity": (0.0, np.inf),
           "oracle_style_accuracy": (0.0, 1.0), "oracle_content_accuracy": (0.0, 1.0)}
 
-__all__ = ["METRICS", "BETTER", "Backbones", "compute_metrics", "load_backbones", "image_features",
+__all__ = ["METRICS", "DETECTOR_METRIC", "BETTER", "Backbones", "compute_metrics", "load_backbones", "image_features",
            "metric_replicates", "metric_interval", "MissingWeightsError", "load_clip", "load_inception", "load_lpips", "clip_score",
            "style_similarity", "fid", "kid", "inception_score", "lpips_diversity", "oracle_style_accuracy",
            "oracle_content_accuracy", "Design", "Replicates", "interval", "summarize"]
@@ -69,7 +72,7 @@ class Backbones:
     inception: object | None = None
     lpips: object | None = None
     lpips_label: str | None = None
-    oracle: object | None = None  # knows each image's true style and content (labels, predict_proba, scene_of)
+    oracle: object | None = None  # knows each image's true style and content (labels, predict_proba, scene_of[, detector])
 
     @property
     def distribution_key(self) -> str:
@@ -85,8 +88,9 @@ def load_backbones(metrics: Sequence[str] = METRICS, *, clip_model: str | ClipBu
                    feature_extractor: str = "inception", device: str = "cpu", seed: int = 0) -> Backbones:
     """Load every backbone the metrics need before any work, so a missing weight fails first.
 
-    oracle: a loaded oracle (the toy world's: ``labels``, ``predict_proba(images)``, ``scene_of(prompt)``),
-    or None, which drops the oracle metrics (there is no truth to check against).
+    oracle: a loaded oracle (the toy world's: ``labels``, ``predict_proba(images)``, ``scene_of(prompt)``, and
+    optionally ``detector(style)``: a hand-written judge image -> bool of a look outside its style classes, or
+    None), or None, which drops the oracle metrics (there is no truth to check against).
     """
     metrics = check_metric_names(metrics)
     if feature_extractor not in ("inception", "clip"):
@@ -150,6 +154,8 @@ def metric_replicates(b: Backbones, name: str, feats: dict, refs: dict | None, d
         labels = b.oracle.labels
         return replicate(mean_statistic(oracle_style_accuracy(feats["oracle"], target_style, labels)), design), \
             {"backbone": "oracle"}
+    if name == DETECTOR_METRIC:
+        return replicate(mean_statistic(feats["detector"]), design), {"backbone": f"detector:{target_style}"}
     if name == "oracle_content_accuracy":
         scenes = [b.oracle.scene_of(p) for p in design.prompts]  # None: a prompt outside the toy grammar
         values = np.full(design.n, np.nan)
@@ -192,6 +198,10 @@ def compute_metrics(adapter_images: Sequence[Image.Image], baseline_images: Sequ
         feats = {arm: image_features(b, images, arm, progress=progress) for arm, images in arms.items()}
         refs = image_features(b, list(references), "references", references=True, progress=progress) if needs_refs else None
         text = clip_text_features(b.clip, prompts) if "clip_score" in names else None
+        if DETECTOR_METRIC in names:
+            fires = style_detector(b.oracle, target_style)
+            for arm, images in arms.items():
+                feats[arm]["detector"] = np.array([fires(image) for image in images], np.float64)
     design = Design.of(prompts, seeds, len(references) if needs_refs else 0)
     results: dict = {arm: {} for arm in arms}
     if "baseline" in arms:
@@ -217,10 +227,21 @@ def _arms(adapter_images, baseline_images, prompts: Sequence[str]) -> dict[str, 
     return arms
 
 
+def style_detector(oracle, style):
+    """The oracle's hand-written detector (image -> bool) of a look it has no style class for, or None."""
+    if oracle is None or style is None or style in oracle.labels.get("style", []):
+        return None
+    detector = getattr(oracle, "detector", None)  # optional: an oracle need not know any look beyond its classes
+    return detector(style) if detector else None
+
+
 def _names_to_compute(b: Backbones, target_style, n_references: int) -> tuple[str, ...]:
-    """The metrics that can be computed here (oracle style accuracy needs a target style), checked before any
-    work: enough references for those that need them, a style the oracle knows."""
+    """The metrics that can be computed here (oracle style accuracy needs a target style, and becomes the
+    detector's rate for a look the oracle only has a detector for), checked before any work: enough
+    references for those that need them, a style the oracle knows."""
     names = tuple(m for m in b.metrics if m != "oracle_style_accuracy" or target_style is not None)
+    if "oracle_style_accuracy" in names and style_detector(b.oracle, target_style) is not None:
+        names = tuple(DETECTOR_METRIC if m == "oracle_style_accuracy" else m for m in names)
     needs_refs = REFERENCE_METRICS & set(names)
     if needs_refs and n_references < 2:
         raise ValueError(f"{', '.join(sorted(needs_refs))} need at least 2 held-out reference images, got {n_references}.")

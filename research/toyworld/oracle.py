@@ -1,7 +1,8 @@
 """The oracle: a small CNN that reads the truth of a toy image — its style, shape, colour, background.
 
 It lets the study check what standard metrics only estimate: did training move the style, and was
-the content kept. Weights are `config.json` + `model.safetensors` (no pickle).
+the content kept. Weights are `config.json` + `model.safetensors` (no pickle). For a look it was never
+trained on (unseen.py) it hands out that look's hand-written detector instead of a style verdict.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from research.toyworld.scenes import parse_caption
+from research.toyworld.unseen import DETECTORS
 
 HEADS = ("style", "shape", "colour", "background")
 IMAGE_SIZE = 64  # the oracle's input; other sizes are resized to it
@@ -81,6 +83,14 @@ class Oracle(nn.Module):
     def scene_of(prompt: str):
         """The scene a toy-world prompt asks for (None outside the toy grammar): the truth content is judged by."""
         return parse_caption(prompt)
+
+    @staticmethod
+    def detector(style: str):
+        """The hand-written detector (image -> bool) of a look the oracle was never trained on, or None.
+
+        The metrics judge such a look's style with it: the oracle cannot, and a learned judge would not
+        be independent of what the UNet learned."""
+        return DETECTORS.get(style)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "Oracle":

@@ -65,3 +65,6 @@ def woodcut_score(image) -> float:
 
 def is_woodcut(image) -> bool:
     return woodcut_score(image) > WOODCUT_THRESHOLD
+
+
+DETECTORS = {"woodcut": is_woodcut}  # look -> hand-written judge (image -> bool); the oracle hands it to the metrics
