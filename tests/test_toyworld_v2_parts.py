@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from research.toyworld.captions import POSITIONS, TEMPLATES, probe, styled_caption
+from research.toyworld.captions import FILLERS, POSITIONS, TEMPLATES, probe, styled_caption
 from research.toyworld.render import render
 from research.toyworld.scenes import ALL_SCENES, HELDOUT_SCENES, caption, parse_caption
 from research.toyworld.styles import STYLES
@@ -78,3 +78,59 @@ def test_probe_places_a_word_at_each_position():
     middle = probe(prompt, "zzq", "middle").split()
     assert 0 < middle.index("zzq") < len(middle) - 1
     assert parse_caption(probe(prompt, "zzq", "prefix")) == ALL_SCENES[7]
+
+
+def test_probed_jobs_insert_one_word_per_prompt_and_keep_the_seeds():
+    from research.sampling import plan_jobs
+    from research.toyworld.check import probed_jobs
+
+    jobs = plan_jobs([caption(s) for s in HELDOUT_SCENES[:3]], 6, seed=11)  # 3 prompts × 2 seeds
+    for kind in ("unknown", "filler"):
+        words = {}
+        for position in POSITIONS:
+            probed = probed_jobs(jobs, kind, position, seed=11)
+            assert probed == probed_jobs(jobs, kind, position, seed=11)  # the same words every time
+            for job, p in zip(jobs, probed):
+                assert (p.prompt_index, p.seed) == (job.prompt_index, job.seed)
+                (word,) = [w for w in set(p.prompt.split()) if p.prompt.split().count(w) > job.prompt.split().count(w)]
+                assert probe(job.prompt, word, position) == p.prompt
+                assert words.setdefault(job.prompt, word) == word  # one word per prompt, at every position
+        if kind == "filler":
+            assert set(words.values()) <= set(FILLERS)
+        else:
+            vocabulary = {w for s in ALL_SCENES for w in caption(s).split()}
+            assert not set(words.values()) & (vocabulary | set(FILLERS))
+
+
+def test_base_model_probe_samples_every_probed_prompt_with_the_same_seeds(tiny_model, tmp_path, monkeypatch, capsys):
+    """check.py --probe on a tiny random model and an untrained oracle: plumbing and paired differences."""
+    import json
+
+    import torch
+
+    import research.toyworld.check as check
+    from research.config import TOY_CONFIG
+    from research.toyworld.oracle import HEADS, Oracle
+    from research.toyworld.scenes import BACKGROUNDS, COLOURS, SHAPES
+
+    torch.manual_seed(0)
+    Oracle(dict(zip(HEADS, (STYLES, SHAPES, COLOURS, BACKGROUNDS))), width=8).save_pretrained(tmp_path / "oracle")
+    sampled = []
+    real_generate = check.generate
+    monkeypatch.setattr(check, "generate", lambda pipe, jobs, **kw: sampled.append(jobs) or real_generate(pipe, jobs, **kw))
+    small = dict(json.loads(TOY_CONFIG.read_text()), resolution=32, num_inference_steps=2, sample_batch_size=4)
+    (tmp_path / "small.json").write_text(json.dumps(small))  # the toy config's sampler, minus size
+    assert check.main(["--sd", str(tiny_model), "--oracle", str(tmp_path / "oracle"), "--num-images", "4", "--probe",
+                       "--config", str(tmp_path / "small.json"), "--json", str(tmp_path / "base.json")]) == 0
+    result = json.loads((tmp_path / "base.json").read_text())
+    plain, *probed = sampled
+    assert len(probed) == 6 and set(result["probe"]) == {f"{k}_{p}" for k in ("unknown", "filler") for p in POSITIONS}
+    for jobs in probed:
+        assert [j.seed for j in jobs] == [j.seed for j in plain]
+        assert all(len(j.prompt.split()) == len(q.prompt.split()) + 1 for j, q in zip(jobs, plain))
+    for name, v in result["probe"].items():
+        assert v["content"]["n"] == v["delta"]["n"] == 4, name
+        assert v["delta"]["mean"] == pytest.approx(v["content"]["mean"] - result["content"]["mean"]), name
+        for m in (v["content"], v["delta"]):
+            assert m["ci95"][0] <= m["mean"] <= m["ci95"][1], name
+    assert "unknown_middle" in capsys.readouterr().out
