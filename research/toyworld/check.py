@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from research.atomic import write_json
 from research.config import TOY_CONFIG, TrainConfig
+from research.errors import UserError
 from research.metrics.oracle import class_index, oracle_content_accuracy, oracle_style_accuracy
 from research.metrics.stats import summarize
 from research.models import load_pipeline, make_sampler
@@ -81,7 +81,7 @@ def judge_base_model(sd_dir: Path, oracle_dir: Path = ORACLE_DIR, num_images: in
                      with_probe: bool = False, config: Path = TOY_CONFIG) -> dict:
     """Oracle verdicts on the base model's images of the held-out prompts, as {name: {mean, ci95, n}};
     with_probe adds {"probe": probe_content(...)}. `config` gives the sampler, steps, guidance and size."""
-    cfg = TrainConfig.from_dict(json.loads(Path(config).read_text()), source=str(config))
+    cfg = TrainConfig.from_json_file(config)
     pipe = make_sampler(load_pipeline(str(sd_dir)), cfg.sampler)
     pipe.set_progress_bar_config(disable=True)
     seed = cfg.seed if seed is None else seed
@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error("--num-images must be at least 1")
-    result = judge_base_model(args.sd, args.oracle, args.num_images, args.seed, args.probe, args.config)
+    try:
+        result = judge_base_model(args.sd, args.oracle, args.num_images, args.seed, args.probe, args.config)
+    except UserError as err:  # a bad --config or --sd: its one sentence, no traceback
+        parser.error(str(err))
     print_result(result)
     if args.json:
         write_json(args.json, result)
