@@ -6,14 +6,19 @@ Every stage draws its data from fixed seeds, so a rerun on the same device repea
 (CUDA kernels and thread counts may change the last digits). Stages not rerun are loaded from
 `--out`; each output folder is written to a temporary folder and renamed into place.
 
-How long it takes (measured for the shipped weights):
-- H100 (`--device cuda`): CLIP 2000 steps 36 s, VAE 3000 steps 97 s, oracle 3000 steps 40 s,
-  UNet ~10 steps/s (launch-bound: a bigger batch costs the same per step). About 8 minutes in all.
-- 2 CPU cores: CLIP ~1 s/step (~35 min), VAE ~13 s/step (~11 h), UNet ~2.1 steps/s at
-  OMP_NUM_THREADS=1 (5,000 steps in ~41 min; the shipped UNet was trained this way, a shared
-  machine with 2 threads ran 3-7x slower from oversubscription), oracle ~1 s/step (~55 min):
-  about 13 hours, mostly the VAE.
-Shipped weights: CLIP, VAE and oracle from an H100 run, the UNet from a CPU run, same code.
+What v2 trains on (issue 10): the VAE on the four looks plus procedural textures (textures.py), so
+a look it never saw still survives a round trip; CLIP on captions with the style phrase anywhere and
+filler or made-up words mixed in (captions.py); the UNet on plain scenes only, its captions content
+only but with the same extra words, so a prompt that gains a word keeps its content.
+
+How long it takes (measured for the shipped weights, 2026-11-25):
+- H100 (`--device cuda`): CLIP 2000 steps 83 s and VAE 10,000 steps 476 s (the two run side by side),
+  UNet ~9.5 steps/s (launch-bound: 5,000 steps ~9 min). Oracle (v1, kept: it scores new-VAE round
+  trips of all four looks 100% right on 150 renders each) 3000 steps 40 s.
+- 2 CPU cores: CLIP ~1 s/step (~35 min), VAE ~15 s/step (~42 h: out of reach on a CPU), UNet ~2.1
+  steps/s at OMP_NUM_THREADS=1 (5,000 steps in ~41 min), oracle ~1 s/step (~55 min).
+Shipped weights: CLIP and VAE from an H100 run, the UNet from a CPU run, the oracle from v1; same code.
+Check a VAE with `python -m research.toyworld.reconstruction --sd <out>/sd` (PSNR per family).
 Judge a rebuilt base model with `python -m research.toyworld.check --sd <out>/sd`.
 """
 
