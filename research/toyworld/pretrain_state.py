@@ -12,6 +12,7 @@ it was trained with, how long it took) and its state file is removed.
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def read_state(path: Path, fingerprint: dict) -> dict:
     stage = path.stem
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no pickle
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ResumeError(f"{path} cannot be read ({type(err).__name__}); pass --only {stage} to train {stage} from the start.") from err
     if changed := differences(saved["fingerprint"], fingerprint):
         raise ResumeError(f"{path} was saved by a run with other settings ({'; '.join(changed)}); rerun with the "
@@ -93,8 +94,9 @@ class StageState:
     saved before) and `steps(total, desc)` runs the loop from there, saving between steps.
     Without a path nothing is saved or loaded."""
 
-    def __init__(self, path: Path | None = None, fingerprint: dict | None = None, every_s: float = SAVE_EVERY_S):
-        self.path, self.fingerprint, self.every_s = path, fingerprint or {}, every_s
+    def __init__(self, path: Path | None = None, fingerprint: dict | None = None, every_s: float | None = None):
+        self.path, self.fingerprint = path, fingerprint or {}
+        self.every_s = SAVE_EVERY_S if every_s is None else every_s
         self.objects: dict = {}
         self.step = 0
         self.last_save = time.monotonic()
