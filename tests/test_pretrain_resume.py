@@ -14,7 +14,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from research.errors import ResumeError
 from research.toyworld import SD_DIR, pretrain
 from research.toyworld.pretrain import STAGES, Recipe, train_clip, train_oracle, train_unet, train_vae
-from research.toyworld.pretrain_state import StageState, done_file, read_state, state_file
+from research.toyworld.pretrain_state import StageState, done_file, state_file
 from research.toyworld.tokenizer import build_tokenizer
 
 CPU = torch.device("cpu")
