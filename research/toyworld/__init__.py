@@ -3,7 +3,7 @@
     scenes -> styles -> render     content and layout, the four looks that paint a layout, the image
     generate                       style folders of rendered scenes (data/toy/<style>/)
     tokenizer, oracle              the word-level tokenizer; the classifier that judges style and content
-    pretrain, check                pretraining the tiny models from scratch; judging a base model
+    pretrain, check                pretraining the tiny models from scratch (resumable: pretrain_state); judging a base model
 """
 
 from pathlib import Path

@@ -3,8 +3,11 @@
     python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle]
 
 Every stage draws its data from fixed seeds, so a rerun on the same device repeats the result
-(CUDA kernels and thread counts may change the last digits). Stages not rerun are loaded from
-`--out`; each output folder is written to a temporary folder and renamed into place.
+(CUDA kernels and thread counts may change the last digits). Each output folder is written to a
+temporary folder and renamed into place. Resumable: stopped at any point, the same command goes on
+per stage. A finished stage is kept; an unfinished one continues from its training state, saved
+every two minutes under `<out>/.state/` (pretrain_state.py), bit for bit on the CPU. `--only` retrains
+the stages it names from step 0 and leaves the others in `--out` as they are.
 
 What v2 trains on (issue 10): the VAE on the four looks plus procedural textures (textures.py), so
 a look it never saw still survives a round trip; CLIP on captions with the style phrase anywhere and
@@ -28,9 +31,10 @@ import argparse
 import math
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +45,10 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
+from research.cli import user_errors_exit_2
 from research.toyworld.captions import styled_caption
 from research.toyworld.oracle import HEADS, Oracle
+from research.toyworld.pretrain_state import StageState, begin, differences, finished, mark_finished, read_state, state_file
 from research.toyworld.render import render
 from research.toyworld.scenes import ALL_SCENES, BACKGROUNDS, COLOURS, SHAPES, TRAIN_SCENES, caption
 from research.toyworld.styles import STYLES
@@ -142,9 +148,9 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def cosine_steps(opt, lr: float, total: int, warmup: int, desc: str):
-    """(step, progress bar) for steps 0..total-1, the optimizer's rate set by `cosine_lr` before each."""
-    for step in (bar := tqdm(range(total), desc=desc, mininterval=10)):
+def cosine_steps(opt, lr: float, total: int, warmup: int, desc: str, state: StageState):
+    """(step, progress bar) for the steps `state` has not run yet, the optimizer's rate set by `cosine_lr` before each."""
+    for step, bar in state.steps(total, desc):
         for g in opt.param_groups:
             g["lr"] = lr * cosine_lr(step, total, warmup)
         yield step, bar
@@ -183,7 +189,7 @@ def caption_table(recipe: Recipe, styles: list, seed: int) -> list[str]:
             for scene in ALL_SCENES for style in styles for _ in range(recipe.caption_variants)]  # fmt: skip
 
 
-def train_clip(recipe: Recipe, tokenizer, device, workers: int):
+def train_clip(recipe: Recipe, tokenizer, device, workers: int, state: StageState):
     torch.manual_seed(1)
     config = CLIPConfig(
         text_config=dict(
@@ -208,7 +214,8 @@ def train_clip(recipe: Recipe, tokenizer, device, workers: int):
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.1)
     gen = torch.Generator(device).manual_seed(1)
-    for step, bar in cosine_steps(opt, recipe.clip_lr, recipe.clip_steps, 200, "clip"):
+    state.resume(model=model, opt=opt, gen=gen)
+    for step, bar in cosine_steps(opt, recipe.clip_lr, recipe.clip_steps, 200, "clip", state):
         idx = torch.randint(len(pixels), (recipe.clip_batch,), device=device, generator=gen)
         # A quarter of captions leave the style out, so content-only prompts still match their images.
         named = torch.rand(recipe.clip_batch, device=device, generator=gen) < 0.75
@@ -247,7 +254,7 @@ def make_vae():
     )  # fmt: skip
 
 
-def train_vae(recipe: Recipe, device, workers: int):
+def train_vae(recipe: Recipe, device, workers: int, state: StageState):
     torch.manual_seed(2)
     vae = make_vae().to(device)
     n_textures = int(recipe.vae_images * recipe.vae_texture_fraction)
@@ -255,7 +262,8 @@ def train_vae(recipe: Recipe, device, workers: int):
     pixels = torch.from_numpy(np.concatenate([looks, texture_set(n_textures, TRAIN_FAMILIES, stage_seed=2, workers=workers)])).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     gen = torch.Generator(device).manual_seed(2)
-    for step, bar in cosine_steps(opt, recipe.vae_lr, recipe.vae_steps, 200, "vae"):
+    state.resume(vae=vae, opt=opt, gen=gen)
+    for step, bar in cosine_steps(opt, recipe.vae_lr, recipe.vae_steps, 200, "vae", state):
         idx = torch.randint(len(pixels), (recipe.vae_batch,), device=device, generator=gen)
         x = pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
         with autocast(device):
@@ -295,7 +303,7 @@ def encode_text(text_encoder, tokenizer, texts: list[str], device) -> torch.Tens
     return text_encoder.to(device)(ids.to(device))[0]
 
 
-def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: int, on_checkpoint=None):
+def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: int, state: StageState, on_checkpoint=None):
     torch.manual_seed(3)
     unet = make_unet(text_encoder.config.hidden_size).to(device)
     scheduler = make_scheduler()
@@ -315,7 +323,8 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
     ema = EMAModel(unet.parameters(), decay=recipe.unet_ema, foreach=True)
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
     gen = torch.Generator(device).manual_seed(3)
-    for step in (bar := tqdm(range(recipe.unet_steps), desc="unet", mininterval=10)):
+    state.resume(unet=unet, ema=ema, opt=opt, gen=gen)
+    for step, bar in state.steps(recipe.unet_steps, "unet"):
         for g in opt.param_groups:
             # Warm-up then constant: the EMA does the averaging, and a checkpoint after N steps is
             # exactly what a run with unet_steps=N gives.
@@ -376,7 +385,7 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x * gain + bias + sigma * torch.randn(x.shape, device=device, generator=gen)).clamp(0, 1)
 
 
-def train_oracle(recipe: Recipe, vae, device, workers: int) -> Oracle:
+def train_oracle(recipe: Recipe, vae, device, workers: int, state: StageState) -> Oracle:
     torch.manual_seed(4)
     labels = {"style": list(STYLES), "shape": list(SHAPES), "colour": list(COLOURS), "background": list(BACKGROUNDS)}
     oracle = Oracle(labels, width=24).to(device)
@@ -392,8 +401,9 @@ def train_oracle(recipe: Recipe, vae, device, workers: int) -> Oracle:
     targets = {h: torch.from_numpy(data[h]).to(device) for h in HEADS}
     opt = torch.optim.AdamW(oracle.parameters(), lr=recipe.oracle_lr, weight_decay=1e-4)
     gen = torch.Generator(device).manual_seed(4)
+    state.resume(oracle=oracle, opt=opt, gen=gen)
     oracle.train()
-    for step, bar in cosine_steps(opt, recipe.oracle_lr, recipe.oracle_steps, 100, "oracle"):
+    for step, bar in cosine_steps(opt, recipe.oracle_lr, recipe.oracle_steps, 100, "oracle", state):
         idx = torch.randint(len(pixels), (recipe.oracle_batch,), device=device, generator=gen)
         logits = oracle(_augment(pixels[idx], gen))
         loss = sum(F.cross_entropy(logits[h], targets[h][idx]) for h in HEADS)
@@ -412,22 +422,27 @@ def oracle_accuracy(oracle: Oracle, n_per_style: int = 150, seed: int = 900_000_
 
 
 # ----------------------------------------------------------------------------- main
+OUTPUTS = {"clip": "clip", "vae": "sd/vae", "unet": "sd/unet", "oracle": "oracle"}  # what each stage leaves in --out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "weights", help="weights folder (clip/, sd/, oracle/)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--only", default=",".join(STAGES), help="comma-separated stages to (re)train; others load from --out")
+    parser.add_argument("--only", help="comma-separated stages to retrain from step 0, their saved progress dropped; the others load "
+                        "from --out (default: every stage, a finished one kept and an unfinished one resumed)")  # fmt: skip
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count and data size (smoke runs only)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that render training images")
     return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The flags, with --only as a list of stages; refused before anything trains."""
+    """The flags, with --only as a list of stages (None: not given); refused before anything trains."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.only = [s for s in args.only.split(",") if s]
-    if unknown := set(args.only) - set(STAGES):
+    if args.only is not None:
+        args.only = [s for s in args.only.split(",") if s]
+    if unknown := set(args.only or ()) - set(STAGES):
         parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {','.join(STAGES)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but no GPU is visible; use --device cpu")
@@ -436,20 +451,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @dataclass
 class Run:
-    """What every stage shares: the flags, the recipe, the device, the tokenizer and the stage timings."""
+    """What every stage shares: the flags, the recipe, the device, the tokenizer, the plan and the stage timings."""
 
     args: argparse.Namespace
     recipe: Recipe
     device: torch.device
     tokenizer: object
-    times: dict
+    times: dict  # stage -> seconds, for the stages this run trained
+    plan: dict = field(default_factory=dict)  # stage -> (trains this run, what the run does with it): plan_stages
 
     @property
     def out(self) -> Path:
         return self.args.out
 
+    @property
+    def fingerprint(self) -> dict:
+        """What a saved state must match to be continued, and what a finished stage records."""
+        return {"recipe": asdict(self.recipe), "device": self.device.type}
+
     def training(self, stage: str) -> bool:
-        return stage in self.args.only
+        return self.plan[stage][0]
+
+    def state(self, stage: str) -> StageState:
+        """The stage's training state, from step 0 under --only, else from wherever an earlier run stopped."""
+        begin(self.out, stage, from_start=self.args.only is not None)
+        return StageState(state_file(self.out, stage), self.fingerprint)
+
+    def finish(self, stage: str, t0: float) -> None:
+        """The stage's output is in place: record it as finished."""
+        self.times[stage] = time.time() - t0
+        mark_finished(self.out, stage, self.fingerprint, self.times[stage])
+
+
+def plan_stages(r: Run) -> dict[str, tuple[bool, str]]:
+    """Whether each stage trains this run, and how; a saved state that cannot be continued is refused here,
+    before anything trains."""
+    plan = {}
+    for stage in STAGES:
+        done, state = finished(r.out, stage), state_file(r.out, stage)
+        if r.args.only is not None:
+            plan[stage] = (True, "trained from step 0 (--only)") if stage in r.args.only else (False, "left as it is in --out")
+        elif done and (r.out / OUTPUTS[stage]).is_dir():
+            changed = differences(done["fingerprint"], r.fingerprint)
+            other = f" with other settings ({'; '.join(changed)})" if changed else ""
+            plan[stage] = (False, f"finished earlier{other}, kept (--only {stage} retrains it)")
+        elif state.is_file():
+            plan[stage] = (True, f"resumed at step {read_state(state, r.fingerprint)['step']}")
+        else:
+            plan[stage] = (True, "trained from step 0")
+    return plan
 
 
 def clip_stage(r: Run):
@@ -457,9 +507,9 @@ def clip_stage(r: Run):
     if not r.training("clip"):
         return CLIPModel.from_pretrained(r.out / "clip")
     t0 = time.time()
-    clip = train_clip(r.recipe, r.tokenizer, r.device, r.args.workers).cpu()
+    clip = train_clip(r.recipe, r.tokenizer, r.device, r.args.workers, r.state("clip")).cpu()
     atomic_save(r.out / "clip", lambda p: save_clip(clip, r.tokenizer, p))
-    r.times["clip"] = time.time() - t0
+    r.finish("clip", t0)
     return clip
 
 
@@ -467,14 +517,15 @@ def vae_stage(r: Run):
     if not r.training("vae"):
         return AutoencoderKL.from_pretrained(r.out / "sd", subfolder="vae")
     t0 = time.time()
-    vae = train_vae(r.recipe, r.device, r.args.workers).cpu()
+    vae = train_vae(r.recipe, r.device, r.args.workers, r.state("vae")).cpu()
     atomic_save(r.out / "sd" / "vae", vae.save_pretrained)  # kept on its own too, should a later stage fail
-    r.times["vae"] = time.time() - t0
+    r.finish("vae", t0)
     return vae
 
 
 def sd_stage(r: Run, vae, text_encoder) -> None:
     """The UNet (checkpointed into --out/sd as it trains), then the whole SD folder with today's parts."""
+    t0 = time.time()
     if r.training("unet"):
         def checkpoint(unet, scheduler, step):
             atomic_save(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
@@ -482,39 +533,44 @@ def sd_stage(r: Run, vae, text_encoder) -> None:
             vae.to(r.device)
             print(f"unet checkpoint at step {step} written to {r.out / 'sd'}")
 
-        t0 = time.time()
-        unet, scheduler = train_unet(r.recipe, vae, text_encoder, r.tokenizer, r.device, r.args.workers, checkpoint)
-        r.times["unet"] = time.time() - t0
-    elif {"clip", "vae"} & set(r.args.only):  # a new text encoder or VAE is shipped with the UNet already trained
+        unet, scheduler = train_unet(r.recipe, vae, text_encoder, r.tokenizer, r.device, r.args.workers, r.state("unet"), checkpoint)
+    elif {"clip", "vae"} & r.times.keys():  # a new text encoder or VAE is shipped with the UNet already trained
         unet, scheduler = UNet2DConditionModel.from_pretrained(r.out / "sd", subfolder="unet"), make_scheduler()
     else:
         return
     atomic_save(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
+    if r.training("unet"):
+        r.finish("unet", t0)
 
 
 def oracle_stage(r: Run, vae) -> None:
     if not r.training("oracle"):
         return
     t0 = time.time()
-    oracle = train_oracle(r.recipe, vae, r.device, r.args.workers).cpu()
+    oracle = train_oracle(r.recipe, vae, r.device, r.args.workers, r.state("oracle")).cpu()
     atomic_save(r.out / "oracle", oracle.save_pretrained)
-    r.times["oracle"] = time.time() - t0
+    r.finish("oracle", t0)
     print("oracle accuracy on fresh renders:", oracle_accuracy(oracle))
 
 
-def main(argv: list[str] | None = None) -> None:
+@user_errors_exit_2
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_flush_denormal(True)  # tiny gradients turn denormal on CPU and slow every step
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes throughout: let cuDNN pick its fastest convolutions
-    args.out.mkdir(parents=True, exist_ok=True)
     r = Run(args, Recipe().scaled(args.scale), torch.device(args.device), build_tokenizer(), {})
+    r.plan = plan_stages(r)
+    for stage, (_, what) in r.plan.items():
+        print(f"{stage}: {what}")
+    args.out.mkdir(parents=True, exist_ok=True)
     text_encoder = text_encoder_from_clip(clip_stage(r))
     vae = vae_stage(r)
     sd_stage(r, vae, text_encoder)
     oracle_stage(r, vae)
     print("stage seconds:", {k: round(v, 1) for k, v in r.times.items()})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Toy world pretraining resumes: a stage stopped part-way and run again ends bit for bit where an
+uninterrupted run ends; a finished stage is kept on a rerun; --only retrains; a state from other
+settings is refused before anything trains."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from research.errors import ResumeError
+from research.toyworld import SD_DIR, pretrain
+from research.toyworld.pretrain import STAGES, Recipe, train_clip, train_oracle, train_unet, train_vae
+from research.toyworld.pretrain_state import StageState, done_file, state_file
+from research.toyworld.tokenizer import build_tokenizer
+
+CPU = torch.device("cpu")
+
+
+def tiny_recipe() -> Recipe:
+    """The real recipe at its smallest scale (8 steps, a few dozen images), with batches a test can afford."""
+    return dataclasses.replace(Recipe().scaled(0.001), clip_batch=8, vae_batch=2, unet_batch=4, oracle_batch=8)
+
+
+def shipped_vae():
+    return AutoencoderKL.from_pretrained(SD_DIR, subfolder="vae")
+
+
+TRAINERS = {  # stage -> train(recipe, state) -> the trained model; the UNet and oracle train on the shipped parts
+    "clip": lambda r, s: train_clip(r, build_tokenizer(), CPU, 1, s),
+    "vae": lambda r, s: train_vae(r, CPU, 1, s),
+    "unet": lambda r, s: train_unet(r, shipped_vae(), CLIPTextModel.from_pretrained(SD_DIR, subfolder="text_encoder"),
+                                    CLIPTokenizer.from_pretrained(SD_DIR, subfolder="tokenizer"), CPU, 1, s)[0],
+    "oracle": lambda r, s: train_oracle(r, shipped_vae(), CPU, 1, s),
+}  # fmt: skip
+
+
+class Stopped(Exception):
+    """Stands in for a kill: raised right after a save, as if the process died there."""
+
+
+def stop_after_saving(monkeypatch, step: int) -> None:
+    save = StageState.save
+
+    def save_then_stop(self):
+        save(self)
+        if self.step == step:
+            raise Stopped
+
+    monkeypatch.setattr(StageState, "save", save_then_stop)
+
+
+def record_steps(monkeypatch) -> list[int]:
+    """The steps the loops run from now on (a resume that started over would give the same weights, so count)."""
+    ran, steps = [], StageState.steps
+
+    def counted(self, total, desc):
+        for step, bar in steps(self, total, desc):
+            ran.append(step)
+            yield step, bar
+
+    monkeypatch.setattr(StageState, "steps", counted)
+    return ran
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stopped_stage_resumes_bit_for_bit(stage, tmp_path, monkeypatch):
+    recipe, train = tiny_recipe(), TRAINERS[stage]
+    whole = train(recipe, StageState()).state_dict()  # uninterrupted, never saved
+    path = tmp_path / f"{stage}.pt"
+    with monkeypatch.context() as m:
+        stop_after_saving(m, 3)
+        with pytest.raises(Stopped):
+            train(recipe, StageState(path, every_s=0))  # saved after every step, killed after step 3
+    ran = record_steps(monkeypatch)
+    resumed = train(recipe, StageState(path, every_s=0)).state_dict()
+    assert ran == list(range(3, getattr(recipe, f"{stage}_steps")))
+    assert whole.keys() == resumed.keys()
+    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
+
+
+@pytest.fixture
+def tiny_main(monkeypatch, tmp_path):
+    """pretrain.main on the tiny recipe into tmp_path, without the 600-render oracle check."""
+    tiny = tiny_recipe()
+    monkeypatch.setattr(Recipe, "scaled", lambda self, scale: tiny)
+    monkeypatch.setattr(pretrain, "oracle_accuracy", lambda oracle: {})
+    return lambda *flags: pretrain.main(["--out", str(tmp_path), "--device", "cpu", "--workers", "1", *flags])
+
+
+def written(out) -> dict:
+    """Each weights file and the identity of its last write (atomic saves make a new file every time)."""
+    return {p.relative_to(out).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*.safetensors")}
+
+
+def test_a_finished_stage_is_kept_and_only_retrains_it(tiny_main, tmp_path, capsys):
+    assert tiny_main() == 0
+    assert all(done_file(tmp_path, s).is_file() and not state_file(tmp_path, s).exists() for s in STAGES)
+    first = written(tmp_path)
+    assert {"clip/model.safetensors", "sd/unet/diffusion_pytorch_model.safetensors", "oracle/model.safetensors"} <= first.keys()
+    capsys.readouterr()
+    assert tiny_main() == 0
+    assert written(tmp_path) == first
+    assert "vae: finished earlier, kept" in capsys.readouterr().out
+    assert tiny_main("--only", "oracle") == 0
+    again = written(tmp_path)
+    changed = {name for name in first if again[name] != first[name]}
+    assert changed == {"oracle/model.safetensors"}
+
+
+def test_a_killed_run_resumes_where_it_stopped_unless_the_settings_changed(tiny_main, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("research.toyworld.pretrain_state.SAVE_EVERY_S", 0)
+    with monkeypatch.context() as m:
+        stop_after_saving(m, 5)
+        with pytest.raises(Stopped):
+            tiny_main()  # killed in the first stage, CLIP, after its step 5 was saved
+    capsys.readouterr()
+    tiny = tiny_recipe()
+    monkeypatch.setattr(Recipe, "scaled", lambda self, scale: dataclasses.replace(tiny, clip_lr=tiny.clip_lr / 2))
+    assert tiny_main() == 2
+    assert "clip_lr 0.001 -> 0.0005" in capsys.readouterr().err
+    assert not (tmp_path / "clip").exists()  # refused before anything trained
+    monkeypatch.setattr(Recipe, "scaled", lambda self, scale: tiny)
+    ran = record_steps(monkeypatch)
+    assert tiny_main() == 0
+    assert "clip: resumed at step 5" in capsys.readouterr().out
+    clip_rest = list(range(5, tiny.clip_steps))
+    assert ran[: len(clip_rest) + tiny.vae_steps] == clip_rest + list(range(tiny.vae_steps))  # then the VAE from step 0
+    assert all(done_file(tmp_path, s).is_file() for s in STAGES)
+
+
+def test_only_starts_a_stage_over_and_a_damaged_state_is_refused(tmp_path):
+    def run(*flags):
+        args = pretrain.parse_args(["--out", str(tmp_path), "--device", "cpu", *flags])
+        return pretrain.Run(args, tiny_recipe(), CPU, None, {})
+
+    state = StageState(state_file(tmp_path, "clip"), run().fingerprint)
+    state.step = 5
+    state.save()
+    assert pretrain.plan_stages(run())["clip"] == (True, "resumed at step 5")
+    only = run("--only", "clip")
+    assert pretrain.plan_stages(only)["clip"] == (True, "trained from step 0 (--only)")
+    assert only.state("clip").step == 0 and not state_file(tmp_path, "clip").exists()
+    state_file(tmp_path, "unet").write_bytes(b"not a state")
+    with pytest.raises(ResumeError, match="--only unet"):
+        pretrain.plan_stages(run())
