@@ -13,6 +13,12 @@ are clusters, research/metrics/stats.py).
 its end, sampled with the same seeds; content accuracy is reported for each, with its paired
 difference from the unprobed prompts (issue 10's target: within 5 points). Each prompt keeps its word
 at all three positions, so positions compare like with like.
+
+`--textual-inversion DIR` loads a learned embedding (a Textual Inversion run's checkpoint folder)
+into the base model, and the probe word becomes its placeholder token: content accuracy with the
+learned token at the start (where training put it), in the middle and at the end, each paired with
+the same prompts and seeds without the token. It says whether the token's content loss depends on
+where it stands.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 
 from research.atomic import write_json
 from research.config import TOY_CONFIG, TrainConfig
 from research.errors import UserError
+from research.methods.textual_inversion import TextualInversion
 from research.metrics.oracle import class_index, oracle_content_accuracy, oracle_style_accuracy
 from research.metrics.stats import summarize
 from research.models import load_pipeline, make_sampler
@@ -36,12 +44,17 @@ from research.toyworld.captions import FILLERS, POSITIONS, probe, unknown_token
 from research.toyworld.oracle import Oracle
 from research.toyworld.scenes import HELDOUT_SCENES, caption, parse_caption
 
+TI_WEIGHTS = TextualInversion.weight_name
+
 
 PROBE_WORDS = ("unknown", "filler")  # a made-up token (a TI placeholder, a typo) and a word with no content or style
 
 
 def probe_words(prompts: list[str], kind: str, seed: int) -> dict[str, str]:
-    """One word of `kind` per distinct prompt, drawn from `seed`: a prompt keeps its word at every position."""
+    """One word of `kind` per distinct prompt, drawn from `seed`: a prompt keeps its word at every position.
+    A kind outside PROBE_WORDS is itself the word (a learned placeholder token)."""
+    if kind not in PROBE_WORDS:
+        return {p: kind for p in dict.fromkeys(prompts)}
     rng = np.random.default_rng([seed, PROBE_WORDS.index(kind)])
     draw = (lambda: unknown_token(rng)) if kind == "unknown" else (lambda: FILLERS[rng.integers(len(FILLERS))])
     return {p: draw() for p in dict.fromkeys(prompts)}
@@ -60,13 +73,14 @@ def _oracle_probs(pipe, cfg: TrainConfig, oracle: Oracle, jobs: list[Job], desc:
     return {head: p.detach().cpu().numpy() for head, p in oracle.predict_proba(images).items()}
 
 
-def probe_content(pipe, cfg: TrainConfig, oracle: Oracle, jobs: list[Job], content: np.ndarray, seed: int) -> dict:
+def probe_content(pipe, cfg: TrainConfig, oracle: Oracle, jobs: list[Job], content: np.ndarray, seed: int,
+                  kinds: tuple[str, ...] = PROBE_WORDS) -> dict:
     """{"<word>_<position>": {"content", "delta", "example"}}: content accuracy with one inserted word per
     prompt, and its paired difference from the unprobed images `content` (same seeds, same truth)."""
     scenes = [parse_caption(j.prompt) for j in jobs]  # the truth stays the unprobed prompt's scene
     prompts, seeds = [j.prompt for j in jobs], [j.seed for j in jobs]
     out = {}
-    for kind in PROBE_WORDS:
+    for kind in kinds:
         for position in POSITIONS:
             probed = probed_jobs(jobs, kind, position, seed)
             probs = _oracle_probs(pipe, cfg, oracle, probed, f"{kind} word, {position}")
@@ -78,11 +92,13 @@ def probe_content(pipe, cfg: TrainConfig, oracle: Oracle, jobs: list[Job], conte
 
 
 def judge_base_model(sd_dir: Path, oracle_dir: Path = ORACLE_DIR, num_images: int = 64, seed: int | None = None,
-                     with_probe: bool = False, config: Path = TOY_CONFIG) -> dict:
+                     with_probe: bool = False, config: Path = TOY_CONFIG, textual_inversion: Path | None = None) -> dict:
     """Oracle verdicts on the base model's images of the held-out prompts, as {name: {mean, ci95, n}};
-    with_probe adds {"probe": probe_content(...)}. `config` gives the sampler, steps, guidance and size."""
+    with_probe adds {"probe": probe_content(...)}. `config` gives the sampler, steps, guidance and size.
+    `textual_inversion`: a checkpoint folder whose learned token is loaded and becomes the probe word."""
     cfg = TrainConfig.from_json_file(config)
     pipe = make_sampler(load_pipeline(str(sd_dir)), cfg.sampler)
+    kinds = PROBE_WORDS if textual_inversion is None else (load_learned_token(pipe, textual_inversion),)
     pipe.set_progress_bar_config(disable=True)
     seed = cfg.seed if seed is None else seed
     jobs = plan_jobs([caption(s) for s in HELDOUT_SCENES], num_images, seed)
@@ -100,8 +116,20 @@ def judge_base_model(sd_dir: Path, oracle_dir: Path = ORACLE_DIR, num_images: in
     styles = [oracle.labels["style"][i] for i in probs["style"].argmax(-1)]
     result["style_counts"] = {st: styles.count(st) for st in sorted(set(styles))}
     if with_probe:
-        result["probe"] = probe_content(pipe, cfg, oracle, jobs, per_image["content"], seed)
+        result["probe"] = probe_content(pipe, cfg, oracle, jobs, per_image["content"], seed, kinds)
     return result
+
+
+def load_learned_token(pipe, checkpoint: Path) -> str:
+    """Load a Textual Inversion checkpoint's embedding into `pipe`; returns its placeholder token."""
+    path = checkpoint / TI_WEIGHTS if checkpoint.is_dir() else checkpoint
+    if not path.is_file():
+        raise UserError(f"--textual-inversion {checkpoint}: no {TI_WEIGHTS} there; give a Textual Inversion "
+                        f"run's checkpoint folder (the one holding {TI_WEIGHTS}).")
+    with safe_open(str(path), framework="pt") as f:
+        (token,) = f.keys()  # the file maps its one placeholder token to its vectors
+    pipe.load_textual_inversion(str(path), token=token)
+    return token
 
 
 def _cell(v: dict, signed: bool = False) -> str:
@@ -129,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="first sampling seed (default: the config's)")
     parser.add_argument("--config", type=Path, default=TOY_CONFIG, help="run config whose sampling settings are used")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--textual-inversion", type=Path, default=None, metavar="DIR",
+                        help="a Textual Inversion checkpoint folder: with --probe, its learned token is the inserted word")
     parser.add_argument("--probe", action="store_true",
                         help="also sample every prompt with an unknown token / a filler word at its start, middle "
                              "and end (6 more sets of --num-images) and report the content kept")
@@ -136,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_images < 1:
         parser.error("--num-images must be at least 1")
     try:
-        result = judge_base_model(args.sd, args.oracle, args.num_images, args.seed, args.probe, args.config)
+        result = judge_base_model(args.sd, args.oracle, args.num_images, args.seed, args.probe, args.config,
+                                  args.textual_inversion)
     except UserError as err:  # a bad --config or --sd: its one sentence, no traceback
         parser.error(str(err))
     print_result(result)
