@@ -18,8 +18,8 @@ How long it takes (measured for the shipped weights, 2026-11-25):
 - H100 (`--device cuda`): CLIP 2000 steps 83 s and VAE 10,000 steps 476 s (the two run side by side),
   UNet ~9.5 steps/s (launch-bound: 5,000 steps ~9 min). Oracle (v1, kept: it scores new-VAE round
   trips of all four looks 100% right on 150 renders each) 3000 steps 40 s.
-- 2 CPU cores: CLIP ~1 s/step (~35 min), VAE ~15 s/step (~42 h: out of reach on a CPU), UNet ~2.1
-  steps/s at OMP_NUM_THREADS=1 (5,000 steps in ~41 min), oracle ~1 s/step (~55 min).
+- 2 CPU cores: CLIP ~1 s/step (~35 min), VAE ~15 s/step (~42 h: out of reach on a CPU), UNet 1.35
+  steps/s at OMP_NUM_THREADS=2 (5,000 steps in 64 min; 0.8 steps/s at 1 thread), oracle ~1 s/step (~55 min).
 Shipped weights: CLIP and VAE from an H100 run, the UNet from a CPU run, the oracle from v1; same code.
 Check a VAE with `python -m research.toyworld.reconstruction --sd <out>/sd` (PSNR per family).
 Judge a rebuilt base model with `python -m research.toyworld.check --sd <out>/sd`.
