@@ -50,7 +50,7 @@ from research.toyworld.captions import styled_caption
 from research.toyworld.oracle import HEADS, Oracle
 from research.toyworld.pretrain_state import StageState, begin, differences, finished, mark_finished, read_state, state_file
 from research.toyworld.render import render
-from research.toyworld.scenes import ALL_SCENES, BACKGROUNDS, COLOURS, SHAPES, TRAIN_SCENES, caption
+from research.toyworld.scenes import ALL_SCENES, BACKGROUNDS, COLOURS, SHAPES, TRAIN_SCENES
 from research.toyworld.styles import STYLES
 from research.toyworld.textures import TRAIN_FAMILIES, texture
 from research.toyworld.tokenizer import build_tokenizer
