@@ -66,20 +66,41 @@ def record_steps(monkeypatch) -> list[int]:
     return ran
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_a_stopped_stage_resumes_bit_for_bit(stage, tmp_path, monkeypatch):
+def total_steps(recipe: Recipe, stage: str) -> int:
+    return getattr(recipe, f"{stage}_steps") + (recipe.unet_restart_steps if stage == "unet" else 0)
+
+
+def same_weights(a: dict, b: dict) -> list[str]:
+    """The names of the tensors that differ (a missing name counts as differing)."""
+    return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
+
+
+# The UNet is also stopped in its second cycle (its first has 8 steps at this scale): after the restart.
+@pytest.mark.parametrize(("stage", "stop"), [(s, 3) for s in STAGES] + [("unet", 11)])
+def test_a_stopped_stage_resumes_bit_for_bit(stage, stop, tmp_path, monkeypatch):
     recipe, train = tiny_recipe(), TRAINERS[stage]
     whole = train(recipe, StageState()).state_dict()  # uninterrupted, never saved
     path = tmp_path / f"{stage}.pt"
     with monkeypatch.context() as m:
-        stop_after_saving(m, 3)
+        stop_after_saving(m, stop)
         with pytest.raises(Stopped):
-            train(recipe, StageState(path, every_s=0))  # saved after every step, killed after step 3
+            train(recipe, StageState(path, every_s=0))  # saved after every step, killed after step `stop`
     ran = record_steps(monkeypatch)
     resumed = train(recipe, StageState(path, every_s=0)).state_dict()
-    assert ran == list(range(3, getattr(recipe, f"{stage}_steps")))
-    assert whole.keys() == resumed.keys()
-    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
+    assert ran == list(range(stop, total_steps(recipe, stage)))
+    assert same_weights(whole, resumed) == []
+
+
+def test_the_unets_second_cycle_is_a_fresh_start_from_the_first_cycles_weights(monkeypatch):
+    """What lets a rebuild (or the shipped UNet) run the second cycle alone from saved first-cycle weights."""
+    recipe = tiny_recipe()
+    assert recipe.unet_restart_steps > 0
+    both = TRAINERS["unet"](recipe, StageState()).state_dict()
+    first = TRAINERS["unet"](dataclasses.replace(recipe, unet_restart_steps=0), StageState())
+    assert same_weights(both, first.state_dict()) != []  # the second cycle trains
+    monkeypatch.setattr(pretrain, "make_unet", lambda cross_attention_dim: first.train())
+    alone = dataclasses.replace(recipe, unet_steps=recipe.unet_restart_steps, unet_restart_steps=0)
+    assert same_weights(both, TRAINERS["unet"](alone, StageState()).state_dict()) == []
 
 
 @pytest.fixture
