@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +98,9 @@ class Recipe:
     oracle_recon_fraction: float = 0.5  # half of the oracle's inputs went through the VAE, as generated images do
 
     def scaled(self, scale: float) -> "Recipe":
-        out = Recipe()
+        out = replace(self)  # floats (rates, fractions) kept as they are
         for name, value in vars(self).items():
-            if isinstance(value, int) and not name.endswith(("batch", "variants")):
+            if isinstance(value, int) and value and not name.endswith(("batch", "variants")):  # 0 (a cycle left out) stays 0
                 setattr(out, name, max(8, int(value * scale)))
         return out
 
