@@ -31,6 +31,10 @@ from research.experiments.study import STAGES, record, run_study
 from research.tracking import REPO_ROOT, setup_logging
 
 TOY_CONFIG = "research/configs/toy.json"
+TOY_DATA_ROOT = "data/toy"
+# data/toy's stand-ins for the seed's three styles; its `plain` folder is the base model's own look,
+# a control for `python -m research.styles`, not a style of the study (the Makefile's TOY_STYLES)
+TOY_STYLES = "pastel,vivid,comic"
 
 
 def stage_list(text: str) -> set[str]:
@@ -41,13 +45,21 @@ def stage_list(text: str) -> set[str]:
     return names
 
 
+def default_styles(data_root: str, styles: str) -> str:
+    """--styles as given; left empty on the toy data root, its three styles."""
+    return styles or (TOY_STYLES if Path(data_root) == Path(TOY_DATA_ROOT) else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m research.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=TOY_CONFIG, help="run config every stage starts from")
-    parser.add_argument("--data-root", "--data_root", dest="data_root", default="data/toy",
+    parser.add_argument("--data-root", "--data_root", dest="data_root", default=TOY_DATA_ROOT,
                         help="folder of style folders (one per style)")
-    parser.add_argument("--style", default="", help="style folder name for Exp II and III (default: the first)")
+    parser.add_argument("--styles", default="",
+                        help=f"comma-separated style folders for Exp I (default: every one under --data-root; "
+                             f"under {TOY_DATA_ROOT}: {TOY_STYLES}, leaving out the base model's `plain`)")
+    parser.add_argument("--style", default="", help="style folder name for Exp II and III (default: the first of --styles)")
     # a small search: on 2 CPU cores each toy trial takes 1-2 minutes
     parser.add_argument("--trials", type=int, default=6, help="Exp II trials")
     parser.add_argument("--rank-choices", "--rank_choices", dest="rank_choices", default="4,8,16",
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if not Path(args.config).is_file():
         raise ConfigError(f"config {args.config} does not exist; pass --config with a JSON run config.")
+    args.styles = default_styles(args.data_root, args.styles)
     if args.trials <= 0:
         raise ConfigError(f"--trials must be a positive number, got {args.trials}.")
     start = time.perf_counter()

@@ -60,6 +60,16 @@ def test_stage_commands_parse_with_their_modules_flags(tmp_path, monkeypatch):
     assert study_stages.blend_argv(args)[-4:] == ["--adapter-a", "runs/exp1/c", "--adapter-b", "runs/exp1/p"]
 
 
+def test_the_toy_study_trains_the_three_styles_not_the_base_models_plain_look(tmp_path):
+    assert study.default_styles("data/toy", "") == "pastel,vivid,comic"
+    assert study.default_styles("data/toy/", "vivid") == "vivid"
+    assert study.default_styles("data/anime", "") == ""  # elsewhere: every style folder
+    args = args_for(tmp_path, "--styles", "pastel")
+    assert study_stages.styles_argv(args)[-2:] == ["--styles", "pastel"]
+    assert study_stages.first_style(args).name == "pastel"  # Exp II and III train on a chosen style
+    assert "--styles" not in study_stages.styles_argv(args_for(tmp_path / "all"))
+
+
 def test_blend_stage_takes_two_style_adapters_from_mlflow(tracking_store, tmp_path):
     import mlflow
 

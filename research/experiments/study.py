@@ -68,16 +68,17 @@ def study_name(args) -> str:
 
 
 def first_style(args) -> Path:
-    """The style folder Experiments II and III train on: --style, or the first under --data-root."""
+    """The style folder Experiments II and III train on: --style, or the first of --styles under --data-root."""
     try:
-        return style_folders(Path(args.data_root), args.style)[0]
+        return style_folders(Path(args.data_root), args.style or args.styles)[0]
     except DataError as err:  # this stage cannot start; the stages that do not need a style folder still run
         raise StageError(str(err)) from None
 
 
 # ─── the stages' commands ───────────────────────────────────────────────────────────────────
 def styles_argv(args) -> list[str]:
-    return ["-m", "research.styles", "--config", args.config, "--data-root", args.data_root]
+    return ["-m", "research.styles", "--config", args.config, "--data-root", args.data_root,
+            *(["--styles", args.styles] if args.styles else [])]
 
 
 def search_argv(args) -> list[str]:
