@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from conftest import tiny_train_args
 from research import styles
@@ -74,7 +74,10 @@ def test_style_grid_rows_are_prompts_columns_base_then_styles_one_seed_per_row(r
     assert summary["grid_columns"] == ["base", "bold", "inky"]
     assert summary["grid_seeds"] == [3, 4, 5, 6]  # --seed 3, then one seed per row shared by every column
     grid = Image.open(Path(summary["folder"]) / "grid.png")
-    assert grid.size == (120 + 3 * 32, 14 + 4 * 32)
+    # 32-px samples are scaled 4x to 128-px cells; the label column fits the longest prompt
+    label_w = grid.size[0] - 3 * 128
+    assert grid.size[1] == 18 + 4 * 128
+    assert ImageDraw.Draw(grid).textlength("another a striped card", font_size=12) < label_w < 300
 
 
 def test_missing_or_unknown_styles_are_one_sentence(data_root, tmp_path, capsys):

@@ -95,17 +95,23 @@ def grid_columns(cfg: TrainConfig, runs: dict[str, Path], prompts: list[str]) ->
     return columns
 
 
-def draw_grid(columns: dict[str, list], prompts: list[str], path: Path) -> Path:
+def draw_grid(columns: dict[str, list], prompts: list[str], path: Path, min_cell: int = 128) -> Path:
+    """Rows = prompts, columns = base model and styles; small (toy, 64-px) images are scaled up by a whole
+    factor, pixel for pixel, so the grid reads at the size it is shown."""
     w, h = next(iter(columns.values()))[0].size
-    label_w, label_h = max(120, w), 14
+    scale = max(1, -(-min_cell // max(w, h)))
+    w, h = w * scale, h * scale
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(max(probe.textlength(p, font_size=12) for p in prompts)) + 10
+    label_h = 18
     grid = Image.new("RGB", (label_w + w * len(columns), label_h + h * len(prompts)), "white")
     draw = ImageDraw.Draw(grid)
     for c, (name, images) in enumerate(columns.items()):
-        draw.text((label_w + c * w + 2, 1), name, fill="black")
+        draw.text((label_w + c * w + 4, 2), name, fill="black", font_size=12)
         for r, image in enumerate(images):
-            grid.paste(image, (label_w + c * w, label_h + r * h))
+            grid.paste(image.resize((w, h), Image.NEAREST), (label_w + c * w, label_h + r * h))
     for r, prompt in enumerate(prompts):
-        draw.text((2, label_h + r * h + 2), prompt[:40], fill="black")
+        draw.text((4, label_h + r * h + h // 2 - 7), prompt, fill="black", font_size=12)
     save_image(grid, path)
     return path
 
