@@ -19,13 +19,17 @@ def interval_text(lo: float, hi: float, n) -> str:
     return f"95% CI {fmt(lo)} to {fmt(hi)}, n = {n if n is not None else '?'}"
 
 
-def difference(subject: str, metric: str, mean: float, lo: float, hi: float, n, better: str | None = None) -> str:
-    """'For pastel, CLIP score rose by 1.2 (95% CI 0.5 to 2, n = 16); the interval excludes zero.'"""
+def difference(subject: str, metric: str, mean: float, lo: float, hi: float, n, better: str | None = None,
+               has_interval: bool = True) -> str:
+    """'For pastel, CLIP score rose by 1.2 (95% CI 0.5 to 2, n = 16); the interval excludes zero.'
+
+    A zero-width interval is an interval (every paired image gave the same value, e.g. style accuracy
+    0 → 1 on all 64); only has_interval=False, or a missing bound, means none was logged."""
     if not math.isfinite(mean):
         return f"For {subject}, {metric_label(metric)} has no estimate."
     verb = "rose" if mean > 0 else "fell" if mean < 0 else "did not change"
     text = f"For {subject}, {metric_label(metric)} {verb} by {fmt(abs(mean))} ({interval_text(lo, hi, n)})"
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)) or lo == hi == mean:
+    if not has_interval or lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return text + "; no interval was logged, so its sign is not established."
     if lo > 0 or hi < 0:
         judged = ""

@@ -65,13 +65,14 @@ def delta_rows(runs: list[RunView], group_of) -> list[dict]:
         for metric in run.metric_names("delta"):
             est = run.estimate("delta", metric)
             rows.append(dict(group=group_of(run), metric=metric, mean=est["mean"], lo=est["lo"], hi=est["hi"],
-                             n=detail.get(metric, {}).get("n", run.metrics.get("n_images")),
+                             has_interval=est["has_interval"], n=detail.get(metric, {}).get("n", run.metrics.get("n_images")),
                              better=detail.get(metric, {}).get("better")))
     return rows
 
 
 def delta_findings(rows: list[dict]) -> list[str]:
-    return [findings.difference(r["group"], r["metric"], r["mean"], r["lo"], r["hi"], r["n"], r["better"])
+    return [findings.difference(r["group"], r["metric"], r["mean"], r["lo"], r["hi"], r["n"], r["better"],
+                                r.get("has_interval", True))
             for r in sorted(rows, key=lambda r: (r["metric"], r["group"]))]
 
 

@@ -196,6 +196,8 @@ def test_missing_experiments_get_a_notice_naming_their_command(store, tmp_path):
     (-0.4, 0.2, "style similarity (cosine) fell by 0.4 (95% CI -0.6 to -0.2, n = 4); the interval excludes zero, "
                 "a worse value"),
     (0.1, 0.3, "style similarity (cosine) rose by 0.1 (95% CI -0.2 to 0.4, n = 4); the interval includes zero"),
+    # every paired image agreed (a style accuracy of 0 -> 1 on all of them): a zero-width interval is still one
+    (1.0, 0.0, "style similarity (cosine) rose by 1 (95% CI 1 to 1, n = 4); the interval excludes zero, a better value"),
 ])
 def test_findings_follow_the_numbers(store, tmp_path, delta, half_width, expected):
     _, make_run = store
@@ -205,6 +207,13 @@ def test_findings_follow_the_numbers(store, tmp_path, delta, half_width, expecte
     page, _ = render(tmp_path, "--no-tracking")
     findings = page[page.index('<div class="findings">'):]
     assert f"For pastel, {expected}" in findings
+
+
+def test_a_difference_logged_without_an_interval_establishes_no_sign():
+    findings = load_report("findings")
+    text = findings.difference("pastel", "clip_score", 2.0, 2.0, 2.0, 64, "higher", has_interval=False)
+    assert text.endswith("no interval was logged, so its sign is not established.")
+    assert "excludes zero" in findings.difference("pastel", "clip_score", 2.0, 2.0, 2.0, 64, "higher")
 
 
 def test_multi_objective_search_draws_its_pareto_front(tmp_path):
