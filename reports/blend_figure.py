@@ -69,7 +69,11 @@ def draw(rows: list[dict], grid: Path | None, out: Path, title: str, labels: dic
     metrics = list(dict.fromkeys(df.metric)) if len(df) else []
     sns.set_theme(style="whitegrid", context="notebook")
     panels = len(metrics) + (grid is not None)
-    fig, axes = plt.subplots(1, max(panels, 1), figsize=(4.2 * max(panels, 1) + (2 if grid else 0), 3.8), squeeze=False)
+    cols = min(3, max(panels, 1))  # three panels a row: nine in one row were too small to read on a page
+    nrows = -(-max(panels, 1) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows + 0.6), squeeze=False)
+    for ax in axes.flat[panels:]:
+        ax.axis("off")
     for ax, metric in zip(axes.flat, metrics):
         part = df[df.metric == metric].sort_values("t")
         for side, sub in part.groupby("side", sort=True):
