@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
          "one machine); a file path = a journal there; postgresql://user:pw@host/db = many machines")
     flag("study_name", type=str, default="", help="study to create or resume (default <style>_<method>_<sampler>)")
     flag("workers", type=int, default=1, help="worker processes on this machine, sharing its cores")
+    flag("grid_share", type=str, default="0/1", help="--search-sampler grid: this worker runs grid points i, i+K, "
+         "i+2K, ... of i/K (--workers sets it; on K machines give each its own i)")
     flag("threads", type=int, default=0, help="torch/OpenMP threads of this worker; 0 = the machine's cores "
          "divided by --workers")
     flag("heartbeat_interval", type=int, default=60, help="RDB storage: seconds between a trial's heartbeats; "
@@ -112,6 +114,9 @@ def check_options(opts: argparse.Namespace, cfg: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(opts, name)}.")
     if opts.n_trials is not None and opts.n_trials < -1:
         raise ConfigError(f"--n-trials must be -1 (default), 0 or a positive number, got {opts.n_trials}.")
+    share = opts.grid_share.split("/")
+    if len(share) != 2 or not all(x.isdigit() for x in share) or not int(share[0]) < int(share[1]):
+        raise ConfigError(f"--grid-share must be i/K with 0 <= i < K, e.g. 0/2, got {opts.grid_share!r}.")
     if opts.search_sampler == "grid" and len(opts.objectives) > 1:
         raise ConfigError("--search-sampler grid takes one objective; drop it for NSGA-II over several.")
     if opts.workers > 1 and opts.storage.startswith("sqlite"):

@@ -192,6 +192,32 @@ def test_grid_enumerates_exactly_the_configured_grid(tiny_model, odd_style_dir, 
     assert len(_children(out, "grid")[0]) == 4
 
 
+def test_two_workers_run_every_grid_point_once(tiny_model, odd_style_dir, tiny_clip, out):
+    """Optuna's GridSampler alone, in two processes on one journal, ran 9 trials for 8 points (3 twice,
+    2 never); each worker now owns every other point."""
+    args = search_args(odd_style_dir, tiny_model, tiny_clip, out, None, study="grid2", search_sampler="grid",
+                       grid_ranks="2,4", grid_steps="1,2", grid_lrs="1e-4,1e-3", metrics="none",
+                       objectives="cost.trainable_params", num_eval_images=1, workers=2)
+    assert search.main(args) == 0
+    trials = _study(out, "grid2").trials
+    drawn = [(t.params["rank"], t.params["max_train_steps"], t.params["learning_rate"]) for t in trials]
+    assert sorted(drawn) == sorted(itertools.product([2, 4], [1, 2], [1e-4, 1e-3]))  # every point once
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert search.main(args) == 0  # run again: the grid is done, nothing is added
+    assert len(_study(out, "grid2").trials) == 8
+
+
+def test_grid_share_splits_the_grid_and_refuses_a_bad_share(odd_style_dir, capsys):
+    grid = {"rank": [4, 16], "learning_rate": [1e-4, 5e-4], "max_train_steps": [100]}
+    points = hyperparameter_search.grid_points(grid)
+    assert len(points) == 4 and len({tuple(sorted(p.items())) for p in points}) == 4
+    assert points[0::2] + points[1::2] != points and sorted(map(str, points[0::2] + points[1::2])) == sorted(map(str, points))
+    with pytest.raises(SystemExit):
+        search.build_parser().parse_args(["--grid-share"])
+    assert search.main(["--style-dir", str(odd_style_dir), "--search-sampler", "grid", "--grid-share", "2/2"]) == 2
+    assert "--grid-share must be i/K" in capsys.readouterr().err
+
+
 def test_original_grid_is_the_default_grid():
     args = search.build_parser().parse_args(["--search-sampler", "grid"])
     space = hyperparameter_search.search_space(args, "grid", "lora")
