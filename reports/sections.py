@@ -226,18 +226,30 @@ def search_section(found: Experiment, out: Path) -> Section:
     runs = ([found.parent] if found.parent else []) + found.runs
     section.figures = [Figure(path, captions[name], runs) for name, path in paths.items()]
     section.findings = search_findings(rows, objectives, directions, importances(rows, objectives, directions),
-                                       searched_params(rows))
+                                       searched_params(rows), found.parent.metrics if found.parent else {})
     return section
 
 
 def search_findings(rows: list[dict], objectives: list[str], directions: list[str], weights: dict,
-                    params: list[str]) -> list[str]:
+                    params: list[str], parent: dict | None = None) -> list[str]:
+    """parent: the study's parent-run metrics, where the best trial's re-scoring lives (reporting.<objective>)."""
     states = {s: sum(r["state"] == s for r in rows) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    best = best_row(rows, objectives[0], directions[0])
+    objective, parent = objectives[0], parent or {}
+    best = best_row(rows, objective, directions[0])
     setting = ", ".join(f"{p} = {findings.fmt(best[p])}" for p in params if p in best)
-    text = [f"{len(rows)} trials: {states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed.",
-            f"The best trial ({directions[0]} {objectives[0]}) is trial {best['trial']} with {setting}: "
-            f"{findings.fmt(best[objectives[0]])} ({findings.interval_text(best[objectives[0] + '.lo'], best[objectives[0] + '.hi'], '1 run')})."]
+    selected = (f"{findings.fmt(best[objective])} ({findings.interval_text(best[objective + '.lo'], best[objective + '.hi'], parent.get(f'selection.{objective}.n'))}) "
+                f"on the selection references it was chosen on")
+    text = [f"{len(rows)} trials: {states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed."]
+    key = f"reporting.{objective}"
+    if key in parent:
+        text.append(f"The best trial ({directions[0]} {objective}) is trial {best['trial']} with {setting}. "
+                    f"Re-scored on the reporting references with fresh seeds it gives {findings.fmt(parent[key])} "
+                    f"({findings.interval_text(parent.get(key + '.ci95_lo'), parent.get(key + '.ci95_hi'), parent.get(key + '.n'))}), "
+                    f"the number to quote; {selected}, which is optimistic.")
+    else:
+        text.append(f"The best trial ({directions[0]} {objective}) is trial {best['trial']} with {setting}: {selected}; "
+                    f"it has not been re-scored on the reporting references (run the search again with "
+                    f"--n-trials 0), so this number is optimistic.")
     if weights:
         ranked = ", ".join(f"{k} {v:.2f}" for k, v in weights.items())
         text.append(f"Share of the objective's variance explained (fANOVA, n = {states['COMPLETE']} trials): {ranked}; "

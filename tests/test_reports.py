@@ -209,6 +209,22 @@ def test_findings_follow_the_numbers(store, tmp_path, delta, half_width, expecte
     assert f"For pastel, {expected}" in findings
 
 
+def test_search_findings_quote_the_re_scored_number_not_the_one_selected_on():
+    load_report("report")  # puts reports/ on the path its sections import from
+    sections = load_report("sections")
+    obj = "adapter.style_similarity"
+    rows = [{"trial": t, "state": "COMPLETE", "rank": r, obj: v, obj + ".lo": v - 0.02, obj + ".hi": v + 0.02}
+            for t, r, v in [(0, 4, 0.08), (1, 8, 0.127), (2, 16, 0.11)]]
+    parent = {f"reporting.{obj}": 0.1225, f"reporting.{obj}.ci95_lo": 0.0955, f"reporting.{obj}.ci95_hi": 0.1495,
+              f"reporting.{obj}.n": 64, f"selection.{obj}.n": 64}
+    text = " ".join(sections.search_findings(rows, [obj], ["maximize"], {}, ["rank"], parent))
+    assert "trial 1 with rank = 8" in text
+    assert "reporting references with fresh seeds it gives 0.122 (95% CI 0.0955 to 0.149, n = 64)" in text
+    assert "0.127 (95% CI 0.107 to 0.147, n = 64) on the selection references" in text
+    unscored = " ".join(sections.search_findings(rows, [obj], ["maximize"], {}, ["rank"], {}))
+    assert "has not been re-scored" in unscored and "optimistic" in unscored
+
+
 def test_a_difference_logged_without_an_interval_establishes_no_sign():
     findings = load_report("findings")
     text = findings.difference("pastel", "clip_score", 2.0, 2.0, 2.0, 64, "higher", has_interval=False)
