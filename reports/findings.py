@@ -16,6 +16,8 @@ def fmt(value: float) -> str:
 
 
 def interval_text(lo: float, hi: float, n) -> str:
+    if isinstance(n, float) and n.is_integer():  # MLflow keeps every metric, a count too, as a float
+        n = int(n)
     return f"95% CI {fmt(lo)} to {fmt(hi)}, n = {n if n is not None else '?'}"
 
 

@@ -216,7 +216,7 @@ def test_search_findings_quote_the_re_scored_number_not_the_one_selected_on():
     rows = [{"trial": t, "state": "COMPLETE", "rank": r, obj: v, obj + ".lo": v - 0.02, obj + ".hi": v + 0.02}
             for t, r, v in [(0, 4, 0.08), (1, 8, 0.127), (2, 16, 0.11)]]
     parent = {f"reporting.{obj}": 0.1225, f"reporting.{obj}.ci95_lo": 0.0955, f"reporting.{obj}.ci95_hi": 0.1495,
-              f"reporting.{obj}.n": 64, f"selection.{obj}.n": 64}
+              f"reporting.{obj}.n": 64.0, f"selection.{obj}.n": 64.0}  # MLflow hands counts back as floats
     text = " ".join(sections.search_findings(rows, [obj], ["maximize"], {}, ["rank"], parent))
     assert "trial 1 with rank = 8" in text
     assert "reporting references with fresh seeds it gives 0.122 (95% CI 0.0955 to 0.149, n = 64)" in text
