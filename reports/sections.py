@@ -72,7 +72,7 @@ def delta_rows(runs: list[RunView], group_of) -> list[dict]:
 
 def delta_findings(rows: list[dict]) -> list[str]:
     return [findings.difference(r["group"], r["metric"], r["mean"], r["lo"], r["hi"], r["n"], r["better"],
-                                r.get("has_interval", True))
+                                r["has_interval"])
             for r in sorted(rows, key=lambda r: (r["metric"], r["group"]))]
 
 
@@ -241,15 +241,14 @@ def search_findings(rows: list[dict], objectives: list[str], directions: list[st
                 f"on the selection references it was chosen on")
     text = [f"{len(rows)} trials: {states['COMPLETE']} complete, {states['PRUNED']} pruned, {states['FAIL']} failed."]
     key = f"reporting.{objective}"
+    head = f"The best trial ({directions[0]} {objective}) is trial {best['trial']} with {setting}"
     if key in parent:
-        text.append(f"The best trial ({directions[0]} {objective}) is trial {best['trial']} with {setting}. "
-                    f"Re-scored on the reporting references with fresh seeds it gives {findings.fmt(parent[key])} "
+        text.append(f"{head}. Re-scored on the reporting references with fresh seeds it gives {findings.fmt(parent[key])} "
                     f"({findings.interval_text(parent.get(key + '.ci95_lo'), parent.get(key + '.ci95_hi'), parent.get(key + '.n'))}), "
                     f"the number to quote; {selected}, which is optimistic.")
     else:
-        text.append(f"The best trial ({directions[0]} {objective}) is trial {best['trial']} with {setting}: {selected}; "
-                    f"it has not been re-scored on the reporting references (run the search again with "
-                    f"--n-trials 0), so this number is optimistic.")
+        text.append(f"{head}: {selected}; it has not been re-scored on the reporting references (run the search "
+                    f"again with --n-trials 0), so this number is optimistic.")
     if weights:
         ranked = ", ".join(f"{k} {v:.2f}" for k, v in weights.items())
         text.append(f"Share of the objective's variance explained (fANOVA, n = {states['COMPLETE']} trials): {ranked}; "

@@ -418,8 +418,8 @@ def run_grid_share(study, runner, callbacks, grid: dict, share: str) -> None:
     A worker always enqueues before it runs one trial, so the trial it pops is always an enqueued one
     (perhaps another worker's: they even out)."""
     i, k = (int(x) for x in share.split("/"))
+    taken = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
     for point in grid_points(grid)[i::k]:
-        taken = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
         if any(t.params == point for t in study.get_trials(deepcopy=False, states=taken)):
             continue  # a resumed study: done already, or under way in another worker
         study.enqueue_trial(point)
