@@ -71,8 +71,8 @@ def _cell(v: dict | None, signed: bool = False) -> str:
 def _verdict(d: dict) -> str:
     """↑/↓: which direction is better; * when the paired interval excludes zero."""
     arrow = "↑" if d.get("better") == "higher" else "↓"
-    lo, hi = d.get("ci95", [float("nan")] * 2)
-    return arrow + ("*" if lo == lo and (lo > 0 or hi < 0) else " ")
+    lo, hi = d.get("ci95") or [None, None]  # NaN bounds reach here as None once made JSON-safe
+    return arrow + ("*" if lo is not None and lo == lo and (lo > 0 or hi < 0) else " ")
 
 
 def format_table(metrics: dict) -> str:

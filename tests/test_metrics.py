@@ -398,3 +398,18 @@ def test_single_arm_mean_interval_accounts_for_shared_seeds():
         lo, hi = interval(replicate(mean_statistic(x), design))["ci95"]
         hits += lo <= 0.0 <= hi
     assert 0.91 <= hits / reps <= 0.99
+
+
+def test_the_run_table_prints_a_metric_that_had_no_interval():
+    """Eight evaluation images over sixteen prompts give LPIPS diversity no within-prompt pair: its mean and
+    bounds are None once made JSON-safe, and the table must say so rather than crash after training."""
+    from research.evaluation import format_table
+    empty = {"mean": None, "ci95": [None, None], "n": 0}
+    measured = {"mean": 0.5, "ci95": [0.4, 0.6], "n": 8}
+    table = format_table({"adapter": {"lpips_diversity": empty, "kid": measured},
+                          "baseline": {"lpips_diversity": empty, "kid": measured},
+                          "delta": {"lpips_diversity": {**empty, "better": "higher"},
+                                    "kid": {"mean": -0.2, "ci95": [-0.3, -0.1], "n": 8, "better": "lower"}}})
+    rows = {line.split()[0]: line for line in table.splitlines()}
+    assert rows["lpips_diversity"].count("-") >= 2 and "*" not in rows["lpips_diversity"]
+    assert "↓*" in rows["kid"]
