@@ -18,6 +18,12 @@ method, peak memory is that method's own (CPU peak RSS is per process), and a cr
 out-of-memory in one method is reported as failed without touching the others.
 --fresh-processes false runs them one after another in this process (saves ~10 s of imports per
 method on tiny models; CPU peak memory then only grows from method to method).
+
+--reuse lora=runs/exp1/<run> takes a finished run as that method's arm instead of training it, when its
+config.json is this comparison's recipe for the method (only the run's name, folder and experiment may
+differ); otherwise it says why and trains. `make study` reuses Experiment I's LoRA of the style this way:
+same config, same seed, and on the toy default the same metrics to the last digit. The arm keeps the cost
+measured when it trained; tracked, a copy of its MLflow run (tagged reused_run_id) joins exp3.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from research.arguments import add_config_arguments, config_from_args
 from research.cli import user_errors_exit_2
@@ -48,10 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
                         default=True, metavar="BOOL",
                         help="train each method in its own fresh process (fair timings, per-method peak memory, "
                              "crash isolation); false = one process, faster for tiny models (default: true)")
+    parser.add_argument("--reuse", default="", metavar="METHOD=RUN_DIR,...",
+                        help="finished run folders to take as a method's arm when they ran this exact recipe "
+                             "(e.g. lora=runs/exp1/20261126-005929_comic_lora); otherwise the method trains")
     parser.add_argument("--no-tracking", action="store_true", help="write the run folders only, no MLflow runs")
     add_config_arguments(parser)
     parser.set_defaults(experiment="exp3")  # Experiment III's MLflow experiment and runs/exp3/ folder
     return parser
+
+
+def reuse_pairs(text: str, methods: list[str]) -> dict[str, Path]:
+    """--reuse's method=run_dir pairs, each naming a compared method and an existing folder."""
+    pairs = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, folder = (x.strip() for x in item.partition("="))
+        if not sep or name not in methods:
+            raise ConfigError(f"--reuse takes method=run_dir pairs for methods in --methods ({','.join(methods)}), "
+                              f"got {item!r}.")
+        if not Path(folder).is_dir():
+            raise ConfigError(f"--reuse {name}={folder}: no such run folder; pass an existing runs/<experiment>/<run>.")
+        pairs[name] = Path(folder)
+    return pairs
 
 
 @user_errors_exit_2
@@ -61,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or len(set(methods)) != len(methods):
         raise ConfigError(f"--methods must list distinct methods from {','.join(METHODS)}, got {args.methods!r}.")
+    reuse = reuse_pairs(args.reuse, methods)
     cfg = config_from_args(args)
     require_style_dir(cfg.style_dir)
     rates = learning_rates(cfg, methods, args.learning_rates)
     start = time.perf_counter()
     runner = run_in_fresh_process if args.fresh_processes else run_in_this_process
-    folder = compare(cfg, methods, rates, track=not args.no_tracking, runner=runner)
+    folder = compare(cfg, methods, rates, track=not args.no_tracking, runner=runner, reuse=reuse)
     result = json.loads((folder / "comparison.json").read_text())
     print("\n" + format_table(result))
     print(f"\nDone in {time.perf_counter() - start:.0f} s. Comparison: {folder / 'comparison.json'}"

@@ -11,8 +11,12 @@ its saved adapter. It sits on data and models; a method is passed in (duck-typed
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +30,12 @@ from tqdm.auto import tqdm
 from research.atomic import save_image, write_json
 from research.data import read_validation_prompts
 from research.errors import DataError
-from research.models import make_sampler
+from research.models import make_sampler, resolve_base_model
+
+log = logging.getLogger("research")
 
 MANIFEST = "manifest.json"
+BASELINE_CACHE = Path(".cache") / "baseline"  # under --output-dir: the base model's images, shared by runs
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,51 @@ def write_thumbnails(baseline: list[Image.Image], adapter: list[Image.Image], jo
     return written
 
 
+def baseline_key(cfg, jobs: list[Job], pipe) -> str | None:
+    """A digest of everything that decides the base model's images for these jobs: the model's files (path,
+    size, modification time), the jobs, the sampler settings, dtype, device and library versions. None
+    when the base model is not a local folder or file (a hub id): its images are then not cached."""
+    import diffusers
+
+    source = Path(resolve_base_model(cfg.base_model))
+    if not source.exists():
+        return None
+    files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+    what = {"model": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+            "jobs": [(j.prompt_index, j.prompt, j.seed) for j in jobs], "sampler": cfg.sampler,
+            "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "resolution": cfg.resolution,
+            "batch": cfg.sample_batch_size, "dtype": str(pipe.unet.dtype), "device": pipe.device.type,
+            "versions": [torch.__version__, diffusers.__version__]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def baseline_images(pipe, jobs: list[Job], cfg, **common) -> list[Image.Image]:
+    """The base model's images for `jobs`: generated once, then read back by every run with the same key
+    (Exp I's styles and Exp III's methods share prompts, seeds and base). Stored as lossless PNGs, so a
+    read-back image is the generated one pixel for pixel; an entry appears whole (renamed into place) or not."""
+    key = baseline_key(cfg, jobs, pipe)
+    folder = Path(cfg.output_dir) / BASELINE_CACHE / key if key else None
+    if folder is not None and (folder / MANIFEST).is_file():
+        try:
+            images, stored = load_set(folder)
+        except (OSError, ValueError):  # a damaged entry (a PNG or the manifest) is generated again below
+            images, stored = [], []
+        if stored == jobs:
+            log.info("baseline: %d base-model images read from %s", len(images), folder)
+            return images
+    images = generate(pipe, jobs, desc="baseline", **common)
+    if folder is not None:
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        save_set(images, jobs, tmp)
+        try:
+            if folder.exists():  # damaged: replaced by the images just made
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        except OSError:  # another run stored the same images first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return images
+
+
 def sample_run(run_dir: Path, cfg, method, *, prompts: list[str], base_pipe) -> dict:
     """Baseline images first (pristine base), then the saved adapter loaded the way users load it."""
     jobs = plan_jobs(prompts, cfg.num_eval_images, cfg.seed + cfg.eval_seed_offset)
@@ -134,7 +186,7 @@ def sample_run(run_dir: Path, cfg, method, *, prompts: list[str], base_pipe) -> 
     pipe.set_progress_bar_config(disable=True)
     common = dict(num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                   resolution=cfg.resolution, batch_size=cfg.sample_batch_size)
-    baseline = generate(pipe, jobs, desc="baseline", **common)
+    baseline = baseline_images(pipe, jobs, cfg, **common)
     method.load_into(pipe, run_dir / "checkpoints")
     pipe = make_sampler(pipe, cfg.sampler, prediction_type=cfg.prediction_type)  # what the adapter was trained to predict
     adapter = generate(pipe, jobs, desc="adapter", prompt_fn=method.caption, **common)

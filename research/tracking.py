@@ -410,6 +410,35 @@ def log_to_finished_run(run_dir: Path, metrics: dict[str, float], artifact: Path
     return run_id
 
 
+def copy_run(source_run_id: str, experiment: str, run_name: str, tags: dict[str, str]) -> str:
+    """A FINISHED copy of a finished MLflow run in another experiment: its tags (without MLflow's own and
+    without ``run_dir``, which stays the source's), params, the latest value of each metric and every
+    artifact, plus ``tags`` and ``reused_run_id``. For a run that stands in for another experiment's arm,
+    so each experiment's runs table and report still hold all of its arms."""
+    import tempfile
+
+    import mlflow  # deferred: mlflow takes seconds to import; untracked runs and refused commands never need it
+    from mlflow.entities import Metric, Param
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    source = client.get_run(source_run_id)
+    kept = {k: v for k, v in source.data.tags.items()
+            if not k.startswith("mlflow.") and k not in ("run_dir", "styles_parent")}
+    run = client.create_run(experiment_id(experiment), run_name=run_name,
+                            tags={**kept, **tags, "reused_run_id": source_run_id})
+    run_id, now = run.info.run_id, int(time.time() * 1000)
+    params = [Param(k, v) for k, v in source.data.params.items()]
+    metrics = [Metric(k, v, now, 0) for k, v in source.data.metrics.items()]
+    for i in range(0, max(len(params), len(metrics)), 100):  # log_batch takes at most 100 params a call
+        client.log_batch(run_id, params=params[i:i + 100], metrics=metrics[i:i + 100])
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=source_run_id, artifact_path="", dst_path=tmp)
+        client.log_artifacts(run_id, local)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     write_json(run_dir / "metrics.json", metrics)
 

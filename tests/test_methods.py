@@ -237,3 +237,45 @@ def test_compare_rejects_unknown_methods_in_one_line(odd_style_dir, tiny_model, 
     assert compare_cli.main(tiny_train_args(odd_style_dir, tiny_model, tmp_path) + ["--methods", "lora,nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --methods must list") and "dreambooth" in err
+
+
+def test_compare_reuses_a_finished_run_of_the_same_recipe_and_trains_when_it_differs(
+        tiny_model, odd_style_dir, tmp_path, tracking_store):
+    """`make study` takes Experiment I's LoRA of a style as Experiment III's LoRA arm: same recipe, so the
+    arm is that run (metrics, cost, a copy of its MLflow run in exp3); a different recipe is trained."""
+    import mlflow
+
+    from research.train import main as train_main
+
+    args = tiny_train_args(odd_style_dir, tiny_model, tmp_path / "runs", max_train_steps=2, checkpointing_steps=0)
+    assert train_main(args + ["--experiment", "exp1"]) == 0
+    (source,) = (tmp_path / "runs" / "exp1").iterdir()
+    compare_args = args + ["--experiment", "exp3", "--methods", "lora", "--fresh-processes", "false"]
+    assert compare_cli.main(compare_args + ["--reuse", f"lora={source}"]) == 0
+    (folder,) = (tmp_path / "runs" / "exp3").glob("*_compare")
+    arm = json.loads((folder / "comparison.json").read_text())["methods"]["lora"]
+    assert arm["reused"] and arm["run_dir"] == str(source)
+    assert arm["cost"] == {k: json.loads((source / "metrics.json").read_text())["cost"][k]
+                           for k in compare_module.COST_KEYS}
+    assert not [d for d in (tmp_path / "runs" / "exp3").iterdir() if d.name.endswith("_lora")]  # nothing trained
+    mlflow.set_tracking_uri(tracking_store)
+    (original,) = mlflow.search_runs(experiment_names=["exp1"], output_format="list")
+    (copy,) = mlflow.search_runs(experiment_names=["exp3"], output_format="list",
+                                 filter_string=f"tags.comparison = '{folder.name}'")
+    assert copy.data.tags["reused_run_id"] == original.info.run_id and copy.info.status == "FINISHED"
+    assert copy.data.params == original.data.params and copy.data.metrics == original.data.metrics
+    paths = {a.path for a in mlflow.MlflowClient().list_artifacts(copy.info.run_id)}
+    assert {"metrics.json", "config.json", "inference"} <= paths
+
+    assert compare_cli.main(compare_args + ["--rank", "2", "--reuse", f"lora={source}"]) == 0  # another recipe
+    newest = sorted((tmp_path / "runs" / "exp3").glob("*_compare"))[-1]
+    arm = json.loads((newest / "comparison.json").read_text())["methods"]["lora"]
+    assert "reused" not in arm and arm["status"] == "finished" and arm["run_dir"] != str(source)
+
+
+def test_reuse_names_a_compared_method_and_an_existing_folder(odd_style_dir, tiny_model, tmp_path, capsys):
+    base = tiny_train_args(odd_style_dir, tiny_model, tmp_path) + ["--methods", "lora"]
+    assert compare_cli.main(base + ["--reuse", f"dreambooth={tmp_path}"]) == 2
+    assert "--reuse takes method=run_dir pairs" in capsys.readouterr().err
+    assert compare_cli.main(base + ["--reuse", f"lora={tmp_path / 'gone'}"]) == 2
+    assert "no such run folder" in capsys.readouterr().err

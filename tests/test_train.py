@@ -334,3 +334,39 @@ def test_caption_dropout_trains_on_the_empty_prompt(tiny_model, odd_style_dir, t
         assert 0 < n_empty < len(rows)
     else:
         assert n_empty == 0
+
+
+def test_base_model_images_are_made_once_and_read_back_pixel_for_pixel(tiny_model, tmp_path, monkeypatch):
+    """Every run of a study samples the same base model on the same prompts and seeds: the second run reads
+    the first one's images (identical pixels); other sampler settings, or a damaged entry, sample anew."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from research import sampling
+    from research.models import load_pipeline, make_sampler
+
+    cfg = SimpleNamespace(base_model=str(tiny_model), output_dir=str(tmp_path), sampler="dpm++",
+                          num_inference_steps=2, guidance_scale=5.0, resolution=32, sample_batch_size=4)
+    pipe = make_sampler(load_pipeline(str(tiny_model)), "dpm++")
+    pipe.set_progress_bar_config(disable=True)
+    jobs = sampling.plan_jobs(["a red card", "a blue card"], 4, seed=7)
+    common = dict(num_inference_steps=2, guidance_scale=5.0, resolution=32, batch_size=4)
+    made, real = [], sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: made.append(k) or real(*a, **k))
+
+    first = sampling.baseline_images(pipe, jobs, cfg, **common)
+    second = sampling.baseline_images(pipe, jobs, cfg, **common)
+    assert len(made) == 1
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, second, strict=True))
+
+    cfg.guidance_scale = 3.0
+    sampling.baseline_images(pipe, jobs, cfg, **{**common, "guidance_scale": 3.0})
+    assert len(made) == 2  # another setting, another entry
+
+    cfg.guidance_scale = 5.0
+    entry = tmp_path / sampling.BASELINE_CACHE / sampling.baseline_key(cfg, jobs, pipe)
+    (entry / jobs[0].file_name).write_bytes(b"not a png")
+    again = sampling.baseline_images(pipe, jobs, cfg, **common)
+    assert len(made) == 3 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again))
+    assert sampling.load_set(entry)[1] == jobs  # the damaged entry was replaced whole

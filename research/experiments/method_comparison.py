@@ -28,20 +28,24 @@ import torch
 from research.atomic import save_figure, write_json
 from research.config import RECIPE_LEARNING_RATES, ConfigError, TrainConfig
 from research.figures import method_color, point_and_interval
-from research.tracking import new_run_dir, setup_logging, tracking_uri
+from research.tracking import copy_run, mlflow_run_for_dir, new_run_dir, read_record, setup_logging, tracking_uri
 from research.experiments.one_run import run
 
 log = logging.getLogger("research")
 
 REFERENCE_LR = RECIPE_LEARNING_RATES["lora"]
 COST_KEYS = ["train_seconds", "steps_per_second", "peak_memory_mb", "trainable_params", "artifact_bytes"]
+# config keys that name a run rather than decide what it learns or how it is scored: a finished run whose
+# config.json differs from a method's arm only in these is that arm (Exp I's LoRA of a style at the study
+# config gave Exp III's LoRA arm bit-identical metrics), so --reuse can stand it in instead of training again
+NAMING_KEYS = frozenset({"experiment", "run_name", "run_dir", "output_dir", "resume_from_checkpoint"})
 BUDGET_KEYS = ["max_train_steps", "train_batch_size", "gradient_accumulation_steps", "seed", "resolution",
                "num_eval_images", "sampler", "num_inference_steps", "guidance_scale", "holdout_fraction"]
 
 
 def learning_rates(cfg: TrainConfig, methods: list[str], pinned: str) -> dict[str, float]:
-    scale = cfg.learning_rate / REFERENCE_LR
-    rates = {m: RECIPE_LEARNING_RATES[m] * scale for m in methods}
+    # each method's recipe ratio to LoRA's rate, times the config's: LoRA's own rate is the config's to the bit
+    rates = {m: cfg.learning_rate * (RECIPE_LEARNING_RATES[m] / REFERENCE_LR) for m in methods}
     for item in filter(None, (p.strip() for p in pinned.split(","))):
         name, _, value = item.partition("=")
         try:
@@ -88,8 +92,34 @@ def summarise(run_dir: Path) -> dict:
             "cost": {k: metrics["cost"].get(k) for k in COST_KEYS}}
 
 
+def reuse_mismatch(run_dir: Path, run_cfg: TrainConfig) -> str:
+    """Why run_dir cannot stand in for the arm run_cfg describes; "" when it can (finished, scored, same recipe)."""
+    if not (run_dir / "config.json").is_file() or not (run_dir / "metrics.json").is_file():
+        return "it has no config.json or metrics.json"
+    status = read_record(run_dir).get("status")
+    if status != "FINISHED":
+        return f"its run.json says {status or 'nothing'}, not FINISHED"
+    saved, wanted = json.loads((run_dir / "config.json").read_text()), run_cfg.to_dict()
+    differ = sorted(k for k in saved.keys() | wanted.keys() if k not in NAMING_KEYS and saved.get(k) != wanted.get(k))
+    return f"its {', '.join(differ[:4])} differ{'s' if len(differ) == 1 else ''} from this comparison's" if differ else ""
+
+
+def stand_in(run_dir: Path, run_cfg: TrainConfig, comparison_id: str, track: bool) -> dict:
+    """The arm's summary from the finished run_dir; tracked, a copy of its MLflow run joins this comparison."""
+    summary = {**summarise(run_dir), "reused": True}
+    if track:
+        source = mlflow_run_for_dir(run_dir)
+        if source is None:
+            raise ConfigError(f"{run_dir} has no MLflow run in {tracking_uri()}; drop --reuse for it or pass "
+                              "--no-tracking.")
+        copy_run(source, run_cfg.experiment, run_cfg.run_name, {"comparison": comparison_id, "run_folder": str(run_dir)})
+    return summary
+
+
 def compare(cfg: TrainConfig, methods: list[str], rates: dict[str, float], track: bool = True,
-            runner: Callable[[TrainConfig, bool, dict], Path] = run_in_fresh_process) -> Path:
+            runner: Callable[[TrainConfig, bool, dict], Path] = run_in_fresh_process,
+            reuse: dict[str, Path] | None = None) -> Path:
+    """Train (or, for a method in `reuse` whose run has this exact recipe, take over) each method's arm."""
     folder = new_run_dir(cfg.output_dir, cfg.experiment, "compare")  # creates it
     setup_logging(folder / "logs.txt")
     comparison_id = folder.name
@@ -97,6 +127,15 @@ def compare(cfg: TrainConfig, methods: list[str], rates: dict[str, float], track
               "base_model": cfg.base_model, "budget": {k: getattr(cfg, k) for k in BUDGET_KEYS}, "methods": {}}
     for method in methods:
         run_cfg = method_config(cfg, method, rates[method])
+        if method in (reuse or {}):
+            why = reuse_mismatch(Path(reuse[method]), run_cfg)
+            if not why:
+                log.info("comparison %s: %s is the finished run %s (same recipe), not trained again",
+                         comparison_id, method, reuse[method])
+                result["methods"][method] = stand_in(Path(reuse[method]), run_cfg, comparison_id, track)
+                write_json(folder / "comparison.json", result)
+                continue
+            log.warning("comparison %s: %s cannot reuse %s (%s); training it", comparison_id, method, reuse[method], why)
         log.info("comparison %s: training %s (learning rate %g)", comparison_id, method, rates[method])
         try:
             run_dir = runner(run_cfg, track, {"comparison": comparison_id})

@@ -88,7 +88,12 @@ def search_argv(args) -> list[str]:
 
 
 def compare_argv(args) -> list[str]:
-    return ["-m", "research.compare", "--config", args.config, "--style-dir", str(first_style(args))]
+    """Exp III on the first style; its LoRA arm is Exp I's LoRA of that style when that run has the same recipe
+    (research.compare checks, and trains the arm when it does not)."""
+    style = first_style(args)
+    exp1 = style_adapters().get(style.name)
+    return ["-m", "research.compare", "--config", args.config, "--style-dir", str(style),
+            *(["--reuse", f"lora={exp1}"] if exp1 else [])]
 
 
 def blend_argv(args) -> list[str]:
