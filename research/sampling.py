@@ -4,8 +4,8 @@ Every image has its own seeded generator, so image (prompt i, seed s) is the sam
 batch size, and the baseline and adapter images of one (prompt, seed) share their starting noise.
 Here: the jobs (which prompt with which seed), generation, image sets on disk (manifest + PNGs,
 thumbnail strips), the one pipeline builder over training components (validation strips, a
-search's intermediate score, DreamBooth's class images) and the sampling of a finished run through
-its saved adapter. It sits on data and models; a method is passed in (duck-typed ``load_into`` /
+search's intermediate score, DreamBooth's class images), the base model's images made once per key
+and read back by later runs, and the sampling of a finished run through its saved adapter. It sits on data and models; a method is passed in (duck-typed ``load_into`` /
 ``caption``), never imported. The CLI is research/sample.py.
 """
 
@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
@@ -138,8 +139,6 @@ def baseline_key(cfg, jobs: list[Job], pipe) -> str | None:
     """A digest of everything that decides the base model's images for these jobs: the model's files (path,
     size, modification time), the jobs, the sampler settings, dtype, device and library versions. None
     when the base model is not a local folder or file (a hub id): its images are then not cached."""
-    import diffusers
-
     source = Path(resolve_base_model(cfg.base_model))
     if not source.exists():
         return None
@@ -188,6 +187,7 @@ def sample_run(run_dir: Path, cfg, method, *, prompts: list[str], base_pipe) -> 
                   resolution=cfg.resolution, batch_size=cfg.sample_batch_size)
     baseline = baseline_images(pipe, jobs, cfg, **common)
     method.load_into(pipe, run_dir / "checkpoints")
+    method.fuse(pipe)  # this pipeline only samples from here on
     pipe = make_sampler(pipe, cfg.sampler, prediction_type=cfg.prediction_type)  # what the adapter was trained to predict
     adapter = generate(pipe, jobs, desc="adapter", prompt_fn=method.caption, **common)
     save_set(baseline, jobs, run_dir / "inference" / "baseline")

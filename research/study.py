@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--style", default="", help="style folder name for Exp II and III (default: the first of --styles)")
     # a small search: on 2 CPU cores each toy trial takes 1-3 minutes. Optuna's TPE draws its first 10
     # trials at random, so these few are a random search; `make search TRIALS=20` is the full one
-    parser.add_argument("--trials", type=int, default=4, help="Exp II trials (default: 4)")
+    parser.add_argument("--trials", type=int, default=3, help="Exp II trials (default: 3)")
     parser.add_argument("--rank-choices", "--rank_choices", dest="rank_choices", default="4,8,16",
                         help="Exp II LoRA ranks")
     parser.add_argument("--steps-range", "--steps_range", dest="steps_range", default="150,600",

@@ -104,6 +104,31 @@ def test_lora_file_loads_with_diffusers_and_changes_output(finished_run, tiny_mo
     assert abs(render() - base).max() < 1e-5  # scale 0 is the base model
 
 
+def test_a_fused_lora_samples_what_the_loaded_one_does_without_its_layers(finished_run, tiny_model):
+    """Evaluation folds the adapter into the base weights before sampling: same images, plain UNet."""
+    from diffusers import StableDiffusionPipeline
+
+    from research.methods import get_method
+    from research.config import TrainConfig
+
+    method = get_method(TrainConfig.from_json_file(finished_run / "config.json"))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def render():
+        g = torch.Generator().manual_seed(0)
+        return pipe("a striped card", num_inference_steps=2, height=32, width=32, generator=g,
+                    output_type="np").images
+
+    base = render()
+    method.load_into(pipe, finished_run / "checkpoints")
+    loaded = render()
+    method.fuse(pipe)
+    fused = render()
+    assert abs(loaded - base).max() > 1e-4 and abs(fused - loaded).max() < 1e-4
+    assert not any("lora" in name for name, _ in pipe.unet.named_modules())
+
+
 def test_lora_alpha_and_config_travel_with_the_weights(finished_run):
     path = finished_run / "checkpoints" / "pytorch_lora_weights.safetensors"
     with safe_open(path, framework="pt") as f:

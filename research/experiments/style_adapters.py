@@ -88,6 +88,7 @@ def grid_columns(cfg: TrainConfig, runs: dict[str, Path], prompts: list[str]) ->
             run_cfg = TrainConfig.from_json_file(run_dir / "config.json")
             method = get_method(run_cfg)
             method.load_into(pipe, run_dir / "checkpoints")
+            method.fuse(pipe)
             caption = method.caption
         columns[name] = generate(pipe, jobs, num_inference_steps=cfg.num_inference_steps,
                                  guidance_scale=cfg.guidance_scale, resolution=cfg.resolution,

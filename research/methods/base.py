@@ -121,6 +121,10 @@ class Method:
     def load_into(self, pipe, checkpoint_dir: Path, scale: float = 1.0) -> None:
         raise NotImplementedError
 
+    def fuse(self, pipe) -> None:
+        """Fold what load_into added into the base weights, for a pipeline that only samples from now on
+        (an adapter kept beside the base costs every forward pass). A no-op where nothing sits beside it."""
+
 
 def config_metadata(cfg, prediction_type: str = "") -> dict[str, str]:
     """The resolved config travels inside every saved artifact (safetensors metadata), with the prediction
