@@ -84,7 +84,8 @@ def test_run_folder_layout(finished_run, odd_style_dir):
     assert "12 training images, 3 held out" in log
 
 
-def test_lora_file_loads_with_diffusers_and_changes_output(finished_run, tiny_model):
+def tiny_pipeline_and_render(tiny_model):
+    """The tiny base model as a pipeline, and a function that renders one seeded image with it."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
@@ -95,6 +96,11 @@ def test_lora_file_loads_with_diffusers_and_changes_output(finished_run, tiny_mo
         return pipe("a striped card", num_inference_steps=2, height=32, width=32, generator=g,
                     output_type="np").images
 
+    return pipe, render
+
+
+def test_lora_file_loads_with_diffusers_and_changes_output(finished_run, tiny_model):
+    pipe, render = tiny_pipeline_and_render(tiny_model)
     base = render()
     pipe.load_lora_weights(str(finished_run / "checkpoints"), weight_name="pytorch_lora_weights.safetensors",
                            adapter_name="style")
@@ -106,20 +112,11 @@ def test_lora_file_loads_with_diffusers_and_changes_output(finished_run, tiny_mo
 
 def test_a_fused_lora_samples_what_the_loaded_one_does_without_its_layers(finished_run, tiny_model):
     """Evaluation folds the adapter into the base weights before sampling: same images, plain UNet."""
-    from diffusers import StableDiffusionPipeline
-
-    from research.methods import get_method
     from research.config import TrainConfig
+    from research.methods import get_method
 
     method = get_method(TrainConfig.from_json_file(finished_run / "config.json"))
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-
-    def render():
-        g = torch.Generator().manual_seed(0)
-        return pipe("a striped card", num_inference_steps=2, height=32, width=32, generator=g,
-                    output_type="np").images
-
+    pipe, render = tiny_pipeline_and_render(tiny_model)
     base = render()
     method.load_into(pipe, finished_run / "checkpoints")
     loaded = render()
