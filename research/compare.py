@@ -11,7 +11,7 @@ tagged comparison=<id>; the comparison folder runs/exp3/<timestamp>_compare/ get
 
 Learning rates: each method keeps the SD 1.5 recipe's rate (RECIPE_LEARNING_RATES) scaled by
 --learning-rate / 1e-4, i.e. --learning-rate sets LoRA's rate and the others keep their ratio to it
-(the toy config's 1e-3 gives TI 5e-2 and DreamBooth 5e-5); --learning-rates method=value pins one.
+(the toy config's 2e-3 gives TI 0.1 and DreamBooth 1e-4); --learning-rates method=value pins one.
 
 Each method runs in a fresh process (default): timings get no warm-up advantage from an earlier
 method, peak memory is that method's own (CPU peak RSS is per process), and a crash or
