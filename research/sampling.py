@@ -5,8 +5,9 @@ batch size, and the baseline and adapter images of one (prompt, seed) share thei
 Here: the jobs (which prompt with which seed), generation, image sets on disk (manifest + PNGs,
 thumbnail strips), the one pipeline builder over training components (validation strips, a
 search's intermediate score, DreamBooth's class images), the base model's images made once per key
-and read back by later runs, and the sampling of a finished run through its saved adapter. It sits on data and models; a method is passed in (duck-typed ``load_into`` /
-``caption``), never imported. The CLI is research/sample.py.
+and read back by later runs, and the sampling of a finished run through its saved adapter. It sits
+on data and models; a method is passed in (duck-typed ``load_into`` / ``fuse`` / ``caption``), never
+imported. The CLI is research/sample.py.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def baseline_key(cfg, jobs: list[Job], pipe) -> str | None:
     if not source.exists():
         return None
     files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
-    what = {"model": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+    stats = [(p, p.stat()) for p in files]
+    what = {"model": [(str(p.resolve()), st.st_size, st.st_mtime_ns) for p, st in stats],
             "jobs": [(j.prompt_index, j.prompt, j.seed) for j in jobs], "sampler": cfg.sampler,
             "steps": cfg.num_inference_steps, "guidance": cfg.guidance_scale, "resolution": cfg.resolution,
             "batch": cfg.sample_batch_size, "dtype": str(pipe.unet.dtype), "device": pipe.device.type,
