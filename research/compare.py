@@ -9,9 +9,11 @@ the method and its learning rate changed. Each method is its own MLflow run in e
 tagged comparison=<id>; the comparison folder runs/exp3/<timestamp>_compare/ gets comparison.json
 (quality from each run's metrics.json + cost) and comparison.png.
 
-Learning rates: each method keeps the SD 1.5 recipe's rate (RECIPE_LEARNING_RATES) scaled by
---learning-rate / 1e-4, i.e. --learning-rate sets LoRA's rate and the others keep their ratio to it
-(the toy config's 2e-3 gives TI 0.1 and DreamBooth 1e-4); --learning-rates method=value pins one.
+Learning rates: --learning-rate sets LoRA's rate and DreamBooth keeps its SD 1.5 ratio to it
+(RECIPE_LEARNING_RATES scaled by --learning-rate / 1e-4: the toy config's 2e-3 gives DreamBooth 1e-4).
+Textual Inversion keeps SD 1.5's 5e-3 as it is: it trains token vectors, whose scale is the text
+encoder's, not the UNet's (at the scaled 0.1 its vectors grew to 25-40 times the longest word's and
+content fell 28 points). --learning-rates method=value pins one.
 
 Each method runs in a fresh process (default): timings get no warm-up advantage from an earlier
 method, peak memory is that method's own (CPU peak RSS is per process), and a crash or
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated methods to compare (default: all of them)")
     parser.add_argument("--learning-rates", "--learning_rates", dest="learning_rates", default="",
                         help="pin a method's learning rate, e.g. dreambooth=2e-6,textual_inversion=1e-3 "
-                             f"(default: {RECIPE_LEARNING_RATES} scaled by --learning-rate / {REFERENCE_LR:g})")
+                             f"(default: {RECIPE_LEARNING_RATES}, LoRA's and DreamBooth's scaled by --learning-rate / {REFERENCE_LR:g})")
     parser.add_argument("--fresh-processes", "--fresh_processes", dest="fresh_processes", type=parse_bool,
                         default=True, metavar="BOOL",
                         help="train each method in its own fresh process (fair timings, per-method peak memory, "

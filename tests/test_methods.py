@@ -71,7 +71,7 @@ def test_ti_file_loads_with_load_textual_inversion_and_changes_output(ti_run, ti
     trained.load_textual_inversion(str(path), token="<style>")
     ids = trained.tokenizer.convert_tokens_to_ids(["<style>", "<style>_1"])
     assert torch.equal(trained.text_encoder.get_input_embeddings().weight[ids].detach(), learned)
-    assert result.method.caption("a striped card") == "<style>, a striped card"
+    assert result.method.caption("a striped card") == "a striped card, in the style of <style>"
     # the same tokens holding their untrained vectors render differently from the learned ones
     untrained_file = run_dir / "untrained.safetensors"
     tokens = result.components.tokenizer("painting", add_special_tokens=False).input_ids
@@ -200,9 +200,10 @@ def test_compare_trains_all_methods_on_one_budget(tiny_model, odd_style_dir, tmp
         assert r["budget"] == result["budget"] and r["budget"]["max_train_steps"] == 2
         assert r["quality"]["adapter"]["clip_score"]["n"] == 4
         assert r["cost"]["trainable_params"] > 0 and r["cost"]["artifact_bytes"] > 0 and name in out
-    # the tiny toy's lr 1e-3 is 10x LoRA's SD 1.5 rate; the others keep their ratio to it
+    # the tiny toy's lr 1e-3 is 10x LoRA's SD 1.5 rate; DreamBooth keeps its ratio to it, Textual
+    # Inversion its SD 1.5 rate (its vectors live at the text encoder's scale, not the UNet's)
     assert {m: r["learning_rate"] for m, r in result["methods"].items()} == pytest.approx(
-        {"lora": 1e-3, "textual_inversion": 5e-2, "dreambooth": 5e-5})
+        {"lora": 1e-3, "textual_inversion": 5e-3, "dreambooth": 5e-5})
     cost = {m: r["cost"] for m, r in result["methods"].items()}
     assert cost["textual_inversion"]["trainable_params"] < cost["lora"]["trainable_params"] < cost["dreambooth"]["trainable_params"]
     assert Image.open(folder / "comparison.png").size[0] > 800

@@ -6,8 +6,9 @@ with only the method and its learning rate changed. Each method is its own MLflo
 comparison=<id>; the comparison folder runs/exp3/<timestamp>_compare/ gets comparison.json (quality
 from each run's metrics.json + cost) and comparison.png.
 
-Learning rates: each method keeps the SD 1.5 recipe's rate (RECIPE_LEARNING_RATES) scaled by the
-config's learning rate / 1e-4; a pinned method=value overrides one. Each method runs in a fresh
+Learning rates: LoRA and DreamBooth keep the SD 1.5 recipe's rate (RECIPE_LEARNING_RATES) scaled by
+the config's learning rate / 1e-4; Textual Inversion keeps the recipe's 5e-3 as it is (SCALE_FREE);
+a pinned method=value overrides one. Each method runs in a fresh
 process by default (`run_in_fresh_process`: fair timings, its own peak memory, crash isolation), or
 one after another in this process (`run_in_this_process`). research/compare.py is its command line.
 """
@@ -43,9 +44,17 @@ BUDGET_KEYS = ["max_train_steps", "train_batch_size", "gradient_accumulation_ste
                "num_eval_images", "sampler", "num_inference_steps", "guidance_scale", "holdout_fraction"]
 
 
+# Methods whose recipe rate does not follow the config's. Textual Inversion trains rows of the text
+# encoder's token table, whose scale the base model sets (the toy table's rows have norm 0.21 on average,
+# 0.32 at most), not the LoRA rate a config tuned for its UNet. Scaled with the toy config's 20× (to 0.1),
+# TI's four vectors grew to norm 8–12 and content fell 28 points; at 5e-3 they reach 1.8–4.3.
+SCALE_FREE = frozenset({"textual_inversion"})
+
+
 def learning_rates(cfg: TrainConfig, methods: list[str], pinned: str) -> dict[str, float]:
     # each method's recipe ratio to LoRA's rate, times the config's: LoRA's own rate is the config's to the bit
-    rates = {m: cfg.learning_rate * (RECIPE_LEARNING_RATES[m] / REFERENCE_LR) for m in methods}
+    rates = {m: RECIPE_LEARNING_RATES[m] if m in SCALE_FREE else cfg.learning_rate * (RECIPE_LEARNING_RATES[m] / REFERENCE_LR)
+             for m in methods}
     for item in filter(None, (p.strip() for p in pinned.split(","))):
         name, _, value = item.partition("=")
         try:

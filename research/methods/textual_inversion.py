@@ -94,14 +94,25 @@ class TextualInversion(Method):
         return table.mean(0)
 
     def caption(self, text: str) -> str:
+        """The caption with the placeholder where a style phrase goes: after the content, as in the
+        style templates of diffusers' textual_inversion example ("a painting in the style of {}").
+
+        Not first: the text encoder's attention is causal, so a token first in the prompt is read by
+        every later word, and a learned vector several times longer than any word's (see `save`'s
+        log line) rewrites the content words with it. At the end it changes none of them."""
         p = self.cfg.placeholder_token
-        return text if p in text.split() or text.startswith(p + ",") else f"{p}, {text}"
+        return text if p in text.replace(",", " ").split() else f"{text}, in the style of {p}"
 
     def learned_embeds(self, c: Components) -> torch.Tensor:
         return c.text_encoder.get_input_embeddings().new_rows.detach().to("cpu", torch.float32).contiguous()
 
     def save(self, c: Components, checkpoint_dir: Path, metadata: dict[str, str]) -> list[Path]:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        rows, table = self.learned_embeds(c), c.text_encoder.get_input_embeddings().base.weight.detach().float()
+        # A learned row many times longer than any word drowns the words that come after it in the
+        # text encoder's causal attention: the first thing to look at when TI's content falls apart.
+        log.info("textual inversion: learned vectors' norms %s; the vocabulary's largest is %.3g",
+                 ", ".join(f"{n:.3g}" for n in rows.norm(dim=1).tolist()), table.norm(dim=1).max().item())
         out = checkpoint_dir / self.weight_name
         with atomic_path(out) as tmp_file:
             save_file({self.cfg.placeholder_token: self.learned_embeds(c)}, tmp_file, metadata=metadata)

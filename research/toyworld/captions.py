@@ -2,8 +2,8 @@
 
 SD 1.5's text encoder reads "pastel style, a red star", "a red star in pastel style" and "a pastel
 painting of a red star" alike, and an unfamiliar word does not wipe out the rest of the prompt.
-The next toy text encoder is to learn the same from captions drawn here (status: the shipped one
-was trained on "<content>, <style> style" only; pretraining does not use this module yet, issue 10):
+The v2 toy text encoder and UNet learn the same from captions drawn here (pretrain.py; v1's text
+encoder knew "<content>, <style> style" only):
 
     prefix   "pastel style, a red star on a green hill"
     middle   "a pastel painting of a red star on a green hill"

@@ -16,7 +16,7 @@ at all three positions, so positions compare like with like.
 
 `--textual-inversion DIR` loads a learned embedding (a Textual Inversion run's checkpoint folder)
 into the base model, and the probe word becomes its placeholder token: content accuracy with the
-learned token at the start (where training put it), in the middle and at the end, each paired with
+learned token at the start, in the middle and at the end (where training puts it), each paired with
 the same prompts and seeds without the token. It says whether the token's content loss depends on
 where it stands.
 """
