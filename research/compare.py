@@ -12,7 +12,7 @@ tagged comparison=<id>; the comparison folder runs/exp3/<timestamp>_compare/ get
 Learning rates: --learning-rate sets LoRA's rate and DreamBooth keeps its SD 1.5 ratio to it
 (RECIPE_LEARNING_RATES scaled by --learning-rate / 1e-4: the toy config's 2e-3 gives DreamBooth 1e-4).
 Textual Inversion keeps SD 1.5's 5e-3 as it is: it trains token vectors, whose scale is the text
-encoder's, not the UNet's (at the scaled 0.1 its vectors grew to 25-40 times the longest word's and
+encoder's, not the UNet's (at the scaled 0.1 its vectors grew to 30-40 times the longest word's and
 content fell 28 points). --learning-rates method=value pins one.
 
 Each method runs in a fresh process (default): timings get no warm-up advantage from an earlier

@@ -47,7 +47,7 @@ BUDGET_KEYS = ["max_train_steps", "train_batch_size", "gradient_accumulation_ste
 # Methods whose recipe rate does not follow the config's. Textual Inversion trains rows of the text
 # encoder's token table, whose scale the base model sets (the toy table's rows have norm 0.21 on average,
 # 0.32 at most), not the LoRA rate a config tuned for its UNet. Scaled with the toy config's 20× (to 0.1),
-# TI's four vectors grew to norm 8–12 and content fell 28 points; at 5e-3 they reach 1.8–4.3.
+# TI's four vectors grew to norm 10–12 and content fell 28 points; at 5e-3 they reach 1.8–4.3.
 SCALE_FREE = frozenset({"textual_inversion"})
 
 

@@ -1,10 +1,9 @@
 """Procedural textures that are none of the toy world's styles: what makes the toy VAE general.
 
 SD 1.5's VAE reconstructs almost any image because it was trained on almost every kind of image.
-The next toy VAE is to get the same breadth from these families (plus the four looks), so that a
-style it has never seen, such as the woodcut look in `unseen.py`, survives an encode/decode round
-trip and an adapter can learn it. (Status: the shipped VAE is still trained on the four looks only;
-pretraining does not use this module yet, see issue 10.)
+The v2 toy VAE gets some of that breadth from these families (pretrain.py trains it on them beside
+the four looks), so that a style it has never seen, such as the woodcut look in `unseen.py`, survives
+an encode/decode round trip and an adapter can learn it.
 
     stripes     parallel stripes at any angle, period from TRAIN_PERIODS, soft or hard edges
     crosshatch  two stripe sets at different angles, multiplied (ink over ink)
