@@ -52,7 +52,8 @@ SCALE_FREE = frozenset({"textual_inversion"})
 
 
 def learning_rates(cfg: TrainConfig, methods: list[str], pinned: str) -> dict[str, float]:
-    # each method's recipe ratio to LoRA's rate, times the config's: LoRA's own rate is the config's to the bit
+    # each method's recipe ratio to LoRA's rate, times the config's (LoRA's own rate is the config's to the
+    # bit); a SCALE_FREE method keeps its recipe rate
     rates = {m: RECIPE_LEARNING_RATES[m] if m in SCALE_FREE else cfg.learning_rate * (RECIPE_LEARNING_RATES[m] / REFERENCE_LR)
              for m in methods}
     for item in filter(None, (p.strip() for p in pinned.split(","))):

@@ -115,7 +115,7 @@ class TextualInversion(Method):
                  ", ".join(f"{n:.3g}" for n in rows.norm(dim=1).tolist()), table.norm(dim=1).max().item())
         out = checkpoint_dir / self.weight_name
         with atomic_path(out) as tmp_file:
-            save_file({self.cfg.placeholder_token: self.learned_embeds(c)}, tmp_file, metadata=metadata)
+            save_file({self.cfg.placeholder_token: rows}, tmp_file, metadata=metadata)
         return [out]
 
     def load_into(self, pipe, checkpoint_dir: Path, scale: float = 1.0) -> None:
