@@ -13,6 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from research.errors import ResumeError
 from research.toyworld import SD_DIR, pretrain
+from research.toyworld.oracle import Oracle
 from research.toyworld.pretrain import STAGES, Recipe, train_clip, train_oracle, train_unet, train_vae
 from research.toyworld.pretrain_state import StageState, done_file, state_file
 from research.toyworld.tokenizer import build_tokenizer
@@ -22,7 +23,7 @@ CPU = torch.device("cpu")
 
 def tiny_recipe() -> Recipe:
     """The real recipe at its smallest scale (8 steps, a few dozen images), with batches a test can afford."""
-    return dataclasses.replace(Recipe().scaled(0.001), clip_batch=8, vae_batch=2, unet_batch=4, oracle_batch=8)
+    return dataclasses.replace(Recipe().scaled(0.001), clip_batch=8, vae_batch=2, unet_batch=4, oracle_batch=8, judge_batch=8)
 
 
 def shipped_vae():
@@ -34,7 +35,8 @@ TRAINERS = {  # stage -> train(recipe, state) -> the trained model; the UNet and
     "vae": lambda r, s: train_vae(r, CPU, 1, s),
     "unet": lambda r, s: train_unet(r, shipped_vae(), CLIPTextModel.from_pretrained(SD_DIR, subfolder="text_encoder"),
                                     CLIPTokenizer.from_pretrained(SD_DIR, subfolder="tokenizer"), CPU, 1, s)[0],
-    "oracle": lambda r, s: train_oracle(r, shipped_vae(), CPU, 1, s),
+    "oracle": lambda r, s: train_oracle(r, shipped_vae(), CPU, 1, s, r.oracle_steps, r.oracle_batch),
+    "judge": lambda r, s: train_oracle(r, shipped_vae(), CPU, 1, s, r.judge_steps, r.judge_batch, r.judge_ink_fraction),
 }  # fmt: skip
 
 
@@ -126,10 +128,15 @@ def test_a_finished_stage_is_kept_and_only_retrains_it(tiny_main, tmp_path, caps
     assert tiny_main() == 0
     assert written(tmp_path) == first
     assert "vae: finished earlier, kept" in capsys.readouterr().out
+    judge = Oracle.from_pretrained(tmp_path / "oracle")
     assert tiny_main("--only", "oracle") == 0
     again = written(tmp_path)
     changed = {name for name in first if again[name] != first[name]}
     assert changed == {"oracle/model.safetensors"}
+    # The oracle stage rewrote its style trunk (bit for bit the same: the CPU repeats a run) and kept the
+    # content trunk the judge stage trained.
+    oracle = Oracle.from_pretrained(tmp_path / "oracle")
+    assert oracle.content_width and same_weights(oracle.state_dict(), judge.state_dict()) == []
 
 
 def test_a_killed_run_resumes_where_it_stopped_unless_the_settings_changed(tiny_main, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
-"""Pretrain the toy world from scratch: tiny CLIP, then VAE, then UNet (plain scenes only), then oracle.
+"""Pretrain the toy world from scratch: tiny CLIP, then VAE, then UNet (plain scenes only), then the
+oracle's two trunks (`oracle`: style, on clean renders; `judge`: content, with scenes under ink lines too).
 
-    python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle]
+    python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle,judge]
 
 Every stage draws its data from fixed seeds, so a rerun on the same device repeats the result
 (CUDA kernels and thread counts may change the last digits). Each output folder is written to a
@@ -22,8 +23,9 @@ How long it takes (measured for the shipped weights, 2026-11-25):
   trips of all four looks 100% right on 150 renders each) 3000 steps 40 s.
 - 2 CPU cores: CLIP ~1 s/step (~35 min), VAE ~15 s/step (~42 h: out of reach on a CPU), UNet 1.35
   steps/s at OMP_NUM_THREADS=2 (first cycle, 5,000 steps, 64 min; second cycle, 2,000 steps, 32 min;
-  0.8 steps/s at 1 thread), oracle ~1 s/step (~55 min).
-Shipped weights: CLIP and VAE from an H100 run, the UNet from CPU runs, the oracle from v1; same code.
+  0.8 steps/s at 1 thread), oracle ~1 s/step (~55 min), judge 2,000 steps of 128 in 2,667 s (44 min).
+Shipped weights: CLIP and VAE from an H100 run, the UNet and the judge from CPU runs, the oracle's style
+trunk from v1 (trained on v1's VAE round trips); same code otherwise.
 The UNet's second cycle was run on its own from the shipped first-cycle weights, which gives the same
 result as running both cycles in one go (tests/test_pretrain_resume.py checks that equality).
 Check a VAE with `python -m research.toyworld.reconstruction --sd <out>/sd` (PSNR per family).
@@ -57,10 +59,10 @@ from research.toyworld.pretrain_state import StageState, begin, differences, fin
 from research.toyworld.render import render
 from research.toyworld.scenes import ALL_SCENES, BACKGROUNDS, COLOURS, SHAPES, TRAIN_SCENES
 from research.toyworld.styles import STYLES
-from research.toyworld.textures import TRAIN_FAMILIES, texture
+from research.toyworld.textures import TRAIN_FAMILIES, TRAIN_PERIODS, stripe_mask, texture
 from research.toyworld.tokenizer import build_tokenizer
 
-STAGES = ("clip", "vae", "unet", "oracle")
+STAGES = ("clip", "vae", "unet", "oracle", "judge")  # judge: the oracle's content trunk (oracle.py)
 CLIP_MEAN = (0.5, 0.5, 0.5)  # CLIP sees [-1, 1]: toy images span the full range, so no dataset-specific
 CLIP_STD = (0.5, 0.5, 0.5)  # statistics are needed and the processor config stays obvious
 
@@ -96,6 +98,9 @@ class Recipe:
     oracle_batch: int = 256
     oracle_lr: float = 2e-3
     oracle_recon_fraction: float = 0.5  # half of the oracle's inputs went through the VAE, as generated images do
+    judge_steps: int = 2_000  # the content trunk: the oracle's recipe, with scenes under ink lines (ink_over)
+    judge_batch: int = 128  # a step of 256 takes 2.6 s on 2 CPU cores; 128 keeps the stage under 45 min there
+    judge_ink_fraction: float = 0.3  # share of its scenes under ink: content scored on them, style not
 
     def scaled(self, scale: float) -> "Recipe":
         out = replace(self)  # floats (rates, fractions) kept as they are
@@ -411,11 +416,38 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (x * gain + bias + sigma * torch.randn(x.shape, device=device, generator=gen)).clamp(0, 1)
 
 
-def train_oracle(recipe: Recipe, vae, device, workers: int, state: StageState) -> Oracle:
+def ink_over(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A scene (H×W×3 uint8) under a layer of ink lines: parallel lines or a cross-hatch at any angle and
+    at the VAE's texture periods, in a dark random colour, mostly opaque.
+
+    The content trunk learns on these (the style loss leaves them out), so that a look which engraves
+    or hatches over the scene does not hide its shape and colour. Lines only: a first try with dot
+    lattices as well called an outlined, halftoned comic heart `plain`. Not woodcut's rule either: its
+    lines thicken with darkness and keep one angle; these do neither."""
+    size = image.shape[0]
+    mask = stripe_mask(rng, rng.choice(TRAIN_PERIODS), size)
+    if rng.random() < 0.5:  # cross-hatch
+        mask = np.clip(mask + stripe_mask(rng, rng.choice(TRAIN_PERIODS), size), 0, 1)
+    ink = rng.uniform(0, 70, size=3)
+    alpha = (rng.uniform(0.6, 1.0) * mask)[..., None]
+    return np.rint(image * (1 - alpha) + ink * alpha).astype(np.uint8)
+
+
+def train_oracle(recipe: Recipe, vae, device, workers: int, state: StageState, steps: int, batch: int, ink_fraction: float = 0.0) -> Oracle:
+    """A one-trunk oracle on renders of every look, half of them VAE round trips; with `ink_fraction`, that
+    share of the scenes goes under ink lines first, their style label ignored (the judge stage)."""
     torch.manual_seed(4)
     labels = {"style": list(STYLES), "shape": list(SHAPES), "colour": list(COLOURS), "background": list(BACKGROUNDS)}
     oracle = Oracle(labels, width=24).to(device)
     data = render_set(recipe.oracle_images, STYLES, stage_seed=4, workers=workers)
+    if ink_fraction:
+        # Before the VAE round trip, as generated images are decoded whole. Their style is no look's, so
+        # cross_entropy leaves them out of the style loss (its ignore_index, -100).
+        rng = np.random.default_rng(44)
+        inked = rng.permutation(len(data["images"]))[: int(len(data["images"]) * ink_fraction)]
+        for i in inked:
+            data["images"][i] = ink_over(data["images"][i], rng)
+        data["style"][inked] = -100
     pixels = to_unit(data["images"], device)
     # The oracle will judge decoded images, so it learns on VAE reconstructions too.
     n_recon = int(len(pixels) * recipe.oracle_recon_fraction)
@@ -429,8 +461,8 @@ def train_oracle(recipe: Recipe, vae, device, workers: int, state: StageState) -
     gen = torch.Generator(device).manual_seed(4)
     state.resume(oracle=oracle, opt=opt, gen=gen)
     oracle.train()
-    for step, bar in cosine_steps(opt, recipe.oracle_lr, recipe.oracle_steps, 100, "oracle", state):
-        idx = torch.randint(len(pixels), (recipe.oracle_batch,), device=device, generator=gen)
+    for step, bar in cosine_steps(opt, recipe.oracle_lr, steps, 100, "judge" if ink_fraction else "oracle", state):
+        idx = torch.randint(len(pixels), (batch,), device=device, generator=gen)
         logits = oracle(_augment(pixels[idx], gen))
         loss = sum(F.cross_entropy(logits[h], targets[h][idx]) for h in HEADS)
         take_step(opt, loss, step, bar)
@@ -448,7 +480,7 @@ def oracle_accuracy(oracle: Oracle, n_per_style: int = 150, seed: int = 900_000_
 
 
 # ----------------------------------------------------------------------------- main
-OUTPUTS = {"clip": "clip", "vae": "sd/vae", "unet": "sd/unet", "oracle": "oracle"}  # what each stage leaves in --out
+OUTPUTS = {"clip": "clip", "vae": "sd/vae", "unet": "sd/unet", "oracle": "oracle", "judge": "oracle"}  # what each stage leaves in --out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -570,13 +602,29 @@ def sd_stage(r: Run, vae, text_encoder) -> None:
 
 
 def oracle_stage(r: Run, vae) -> None:
+    """The style trunk and head, on clean renders; a content trunk already in --out/oracle is kept."""
     if not r.training("oracle"):
         return
     t0 = time.time()
-    oracle = train_oracle(r.recipe, vae, r.device, r.args.workers, r.state("oracle")).cpu()
+    oracle = train_oracle(r.recipe, vae, r.device, r.args.workers, r.state("oracle"), r.recipe.oracle_steps, r.recipe.oracle_batch).cpu()
+    if (r.out / "oracle").is_dir() and (old := Oracle.from_pretrained(r.out / "oracle")).content_width:
+        oracle = Oracle.joined(oracle, old)
     atomic_save(r.out / "oracle", oracle.save_pretrained)
     r.finish("oracle", t0)
     print("oracle accuracy on fresh renders:", oracle_accuracy(oracle))
+
+
+def judge_stage(r: Run, vae) -> None:
+    """The content trunk and heads (scenes under ink as well), joined to the style part in --out/oracle."""
+    if not r.training("judge"):
+        return
+    t0 = time.time()
+    rec = r.recipe
+    judge = train_oracle(rec, vae, r.device, r.args.workers, r.state("judge"), rec.judge_steps, rec.judge_batch, rec.judge_ink_fraction)
+    oracle = Oracle.joined(Oracle.from_pretrained(r.out / "oracle"), judge.cpu())
+    atomic_save(r.out / "oracle", oracle.save_pretrained)
+    r.finish("judge", t0)
+    print("oracle accuracy on fresh renders, with the content trunk:", oracle_accuracy(oracle))
 
 
 @user_errors_exit_2
@@ -594,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     vae = vae_stage(r)
     sd_stage(r, vae, text_encoder)
     oracle_stage(r, vae)
+    judge_stage(r, vae)
     print("stage seconds:", {k: round(v, 1) for k, v in r.times.items()})
     return 0
 
