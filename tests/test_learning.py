@@ -66,9 +66,9 @@ def test_study_targets_style_moved_content_kept(style, trained):
     run = trained(style)
     m = json.loads((run / "metrics.json").read_text())
     adapter, base = m["adapter"], m["baseline"]
-    assert base["oracle_content_accuracy"]["mean"] >= 0.70
+    assert base["oracle_content_accuracy"]["mean"] >= 0.90
     baseline_images, _ = load_set(run / "inference" / "baseline")
     predicted = Oracle.from_pretrained(ORACLE_DIR).predict(baseline_images)["style"]
-    assert sum(p == "plain" for p in predicted) / len(predicted) >= 0.90
+    assert sum(p == "plain" for p in predicted) / len(predicted) >= 0.95
     assert adapter["oracle_style_accuracy"]["mean"] >= 0.90
     assert adapter["oracle_content_accuracy"]["mean"] >= base["oracle_content_accuracy"]["mean"] - 0.05
