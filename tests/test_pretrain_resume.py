@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from research.errors import ResumeError
+from research.errors import ConfigError, ResumeError
 from research.toyworld import SD_DIR, pretrain
 from research.toyworld.oracle import Oracle
 from research.toyworld.pretrain import STAGES, Recipe, train_clip, train_oracle, train_unet, train_vae
@@ -172,6 +172,8 @@ def test_only_starts_a_stage_over_and_a_damaged_state_is_refused(tmp_path):
     only = run("--only", "clip")
     assert pretrain.plan_stages(only)["clip"] == (True, "trained from step 0 (--only)")
     assert only.state("clip").step == 0 and not state_file(tmp_path, "clip").exists()
+    with pytest.raises(ConfigError, match="--only oracle,judge"):
+        pretrain.plan_stages(run("--only", "judge"))  # nothing in --out to join the content trunk to
     state_file(tmp_path, "unet").write_bytes(b"not a state")
     with pytest.raises(ResumeError, match="--only unet"):
         pretrain.plan_stages(run())

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
 from research.cli import user_errors_exit_2
+from research.errors import ConfigError
 from research.toyworld.captions import styled_caption
 from research.toyworld.oracle import HEADS, Oracle
 from research.toyworld.pretrain_state import StageState, begin, differences, finished, mark_finished, read_state, state_file
@@ -557,6 +558,9 @@ def plan_stages(r: Run) -> dict[str, tuple[bool, str]]:
             plan[stage] = (True, f"resumed at step {read_state(state, r.fingerprint)['step']}")
         else:
             plan[stage] = (True, "trained from step 0")
+    if plan["judge"][0] and not plan["oracle"][0] and not (r.out / OUTPUTS["oracle"]).is_dir():
+        raise ConfigError(f"{r.out / OUTPUTS['oracle']} is missing, and the judge stage joins its content trunk "
+                          "to the oracle stage's style trunk there; pass --only oracle,judge to train both.")
     return plan
 
 
