@@ -9,7 +9,7 @@ Two trunks, one per question. The style head reads features learned on clean ren
 looks. The content heads (shape, colour, background) read a second trunk, trained with scenes under
 ink lines as well (pretrain.ink_over), so a look that draws over the scene, such as woodcut, does not
 hide its content. One shared trunk cannot do both: learning to look past ink lines taught it to look
-past comic's outlines too (README, "Woodcut's content judge"). `Oracle.joined` puts two trained
+past comic's outlines too (README, "The content judge"). `Oracle.joined` puts two trained
 oracles together; an oracle built without `content_width` reads everything from one trunk.
 """
 
