@@ -115,17 +115,16 @@ def test_oracle_reads_the_content_under_a_look_it_never_saw():
 
     from research.metrics.oracle import oracle_content_accuracy
     from research.toyworld.oracle import Oracle
+    from research.toyworld.reconstruction import round_trip
     from research.toyworld.unseen import render_unseen
 
     oracle = Oracle.from_pretrained(ORACLE_DIR)
     assert oracle.content_width
     scenes = [ALL_SCENES[(7 * i) % len(ALL_SCENES)] for i in range(64)]
-    pixels = torch.from_numpy(np.stack([np.asarray(render_unseen(s, "woodcut", TEST_SEED + i)) for i, s in enumerate(scenes)]))
-    clean = pixels.permute(0, 3, 1, 2).float() / 255
+    clean = np.stack([np.asarray(render_unseen(s, "woodcut", TEST_SEED + i)) for i, s in enumerate(scenes)])
     vae = AutoencoderKL.from_pretrained(SD_DIR, subfolder="vae").eval()
-    with torch.no_grad():
-        round_trip = ((vae.decode(vae.encode(clean * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
-    for images in (clean, round_trip):
+    for pixels in (clean, round_trip(vae, clean)):
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
         probs = {h: p.numpy() for h, p in oracle.predict_proba(images).items()}
         assert oracle_content_accuracy(probs, scenes, oracle.labels).mean() >= 0.9
 
