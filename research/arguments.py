@@ -39,7 +39,7 @@ def _help_comments() -> dict[str, str]:
     return comments
 
 
-class _Typed(argparse.Action):
+class TypedFlag(argparse.Action):
     """Stores the value and remembers that the flag was typed (defaults never pass through here)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -74,7 +74,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
         kind = field_type(f)
         flags = [f"--{config.flag(f.name)}"] + ([f"--{f.name}"] if "_" in f.name else [])
         groups[section].add_argument(*flags, dest=f.name, default=f.default, type=parse_bool if kind is bool else kind,
-                                     action=_Typed, metavar=kind.__name__.upper(),
+                                     action=TypedFlag, metavar=kind.__name__.upper(),
                                      help=f"{comments.get(f.name, '')} (default: {f.default!r})")
 
 
@@ -103,11 +103,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def apply_overrides(cfg: TrainConfig, args: argparse.Namespace, names: list[str]) -> TrainConfig:
-    """Flags of a follow-up command (sample, evaluate) override a finished run's config.json."""
+    """Flags of a follow-up command (sample, evaluate, blend) override a finished run's config.json.
+
+    Same precedence as a training command, over the run's own values: the --config file's keys among
+    `names`, then the flags a person gave. A typed flag wins even when it equals the dataclass default
+    (``--guidance-scale 7.5`` over a run sampled at 5); under `mlflow run`, which passes every
+    parameter, only values other than the default count as given."""
     values = cfg.to_dict()
+    if getattr(args, "config", ""):
+        in_file = read_config_file(args.config)
+        checked = TrainConfig.from_json_file(args.config).to_dict()  # names the file if a value is bad
+        values.update({k: checked[k] for k in names if k in in_file})
+    under_mlflow = bool(os.environ.get("MLFLOW_RUN_ID"))
+    typed = getattr(args, "_typed", set())
     for name in names:
-        if getattr(args, name) != getattr(TrainConfig, name):
-            values[name] = getattr(args, name)
+        given = getattr(args, name)
+        if given != getattr(TrainConfig, name) or (name in typed and not under_mlflow):
+            values[name] = given
     return TrainConfig.from_dict(values, source="command line")
 
 

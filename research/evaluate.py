@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from research.arguments import add_config_arguments, add_run_dir_argument, finished_run_config
+from research.arguments import TypedFlag, add_config_arguments, add_run_dir_argument, finished_run_config
 from research.cli import user_errors_exit_2
 from research.config import TrainConfig
 from research.data import style_folder_for
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_dir_argument(parser)
     add_config_arguments(parser, names=EVAL_FLAGS)
     parser.add_argument("--num-images", dest="num_eval_images", type=int, default=TrainConfig.num_eval_images,
-                        help="alias of --num-eval-images: images per arm")
+                        action=TypedFlag, help="alias of --num-eval-images: images per arm")
     return parser
 
 

@@ -194,6 +194,30 @@ def test_each_method_defaults_to_its_recipe_learning_rate_and_a_typed_rate_wins(
     assert TrainConfig.from_dict({"method": "dreambooth"}).learning_rate == 5e-6
 
 
+
+def test_a_follow_up_flag_overrides_the_run_even_when_it_equals_the_default(tmp_path, monkeypatch):
+    """`evaluate --guidance-scale 7.5` on a run sampled at 5 must sample at 7.5 (7.5 is the dataclass
+    default, and this once left the run's 5 in place); --num-images and a --config file override too."""
+    from research import evaluate
+    from research.arguments import apply_overrides
+    from research.config import TrainConfig
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    run = TrainConfig.from_dict({"guidance_scale": 5.0, "num_eval_images": 256, "sampler": "ddim"})
+    parser = evaluate.build_parser()
+
+    def over(*argv):
+        return apply_overrides(run, parser.parse_args(["--run-dir", "x", *argv]), evaluate.EVAL_FLAGS)
+
+    assert (over().guidance_scale, over().num_eval_images, over().sampler) == (5.0, 256, "ddim")
+    assert over("--guidance-scale", "7.5").guidance_scale == TrainConfig.guidance_scale == 7.5
+    assert over("--num-images", "64").num_eval_images == TrainConfig.num_eval_images == 64
+    assert over("--num-eval-images", "64").num_eval_images == 64
+    (tmp_path / "eval.json").write_text(json.dumps({"guidance_scale": 7.5, "learning_rate": 1.0}))
+    from_file = over("--config", str(tmp_path / "eval.json"))
+    assert from_file.guidance_scale == 7.5 and from_file.learning_rate == run.learning_rate  # only eval keys
+    assert over("--config", str(tmp_path / "eval.json"), "--guidance-scale", "3").guidance_scale == 3.0
+
 def test_help_lists_flags_in_sections():
     from research.train import build_parser
 
