@@ -1,13 +1,15 @@
-"""Atomic file writes: write beside the target, then rename, so a crash never leaves half a file."""
+"""Atomic writes: write beside the target, then rename, so a crash never leaves half a file or a
+folder that mixes an old set with a new one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextmanager
@@ -26,6 +28,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_folder(target: str | Path, fill: Callable[[Path], object]) -> Path:
+    """Build a whole folder beside `target` with ``fill(tmp)``, then swap it in by renames.
+
+    A reader sees the old folder or the new one, never a mix (say, a set of 4 images written over 64
+    from an earlier sampling); a killed fill leaves only a hidden ``.<name>.tmp-<pid>`` beside it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    fill(tmp)
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def _umask() -> int:

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from research.atomic import save_image, write_json
+from research.atomic import replace_folder, save_image, write_json
 from research.data import read_validation_prompts
 from research.errors import DataError
 from research.models import make_sampler, resolve_base_model
@@ -192,9 +192,14 @@ def sample_run(run_dir: Path, cfg, method, *, prompts: list[str], base_pipe) -> 
     method.fuse(pipe)  # this pipeline only samples from here on
     pipe = make_sampler(pipe, cfg.sampler, prediction_type=cfg.prediction_type)  # what the adapter was trained to predict
     adapter = generate(pipe, jobs, desc="adapter", prompt_fn=method.caption, **common)
-    save_set(baseline, jobs, run_dir / "inference" / "baseline")
-    save_set(adapter, jobs, run_dir / "inference")
-    write_thumbnails(baseline, adapter, jobs, run_dir / "thumbnails")
+    # Each folder is built whole and swapped in: sampling a run again with fewer images must not leave
+    # the earlier set's extra images beside the new ones, nor a half-written mix if it is killed.
+    def fill_inference(folder: Path) -> None:
+        save_set(adapter, jobs, folder)
+        save_set(baseline, jobs, folder / "baseline")
+
+    replace_folder(run_dir / "inference", fill_inference)
+    replace_folder(run_dir / "thumbnails", lambda folder: write_thumbnails(baseline, adapter, jobs, folder))
     return {"jobs": jobs, "baseline": baseline, "adapter": adapter}
 
 

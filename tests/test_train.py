@@ -229,6 +229,14 @@ def test_evaluate_cli_regenerates_and_rescores(finished_run, tiny_clip, tmp_path
     assert after["adapter"]["clip_score"]["n"] == 6
     assert after["cost"] == before["cost"]  # training cost is kept
     assert len(list((run / "inference").glob("*.png"))) == 6
+    # fewer images than the set before: the folders hold the new set only, not its 6 images' leftovers
+    assert evaluate.main(["--run-dir", str(run), "--num-images", "2", "--metrics", "clip_score"]) == 0
+    manifest = json.loads((run / "inference" / "manifest.json").read_text())
+    assert len(manifest) == 2
+    assert sorted(p.name for p in (run / "inference").glob("*.png")) == sorted(e["file"] for e in manifest)
+    assert len(list((run / "inference" / "baseline").glob("*.png"))) == 2
+    assert len(list((run / "thumbnails").glob("*.png"))) == len({e["prompt_index"] for e in manifest})
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
 def _snapshot(folder: Path) -> dict:

@@ -13,12 +13,11 @@ with the same captions: training on it shows that a LoRA learns a look rather th
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from research.atomic import replace_folder
 from research.toyworld.render import render
 from research.toyworld.scenes import HELDOUT_SCENES, TRAIN_SCENES, caption
 from research.toyworld.styles import STYLES
@@ -38,28 +37,21 @@ def generate_style_folder(out_dir: str | Path, style: str, n_images: int, seed: 
     """Write `out_dir/<style>/` atomically (a temporary folder renamed into place); returns its path."""
     if style not in LOOKS:
         raise ValueError(f"unknown style {style!r}; choose from {', '.join(LOOKS)}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / style
-    tmp = out_dir / f".{style}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     style_index = LOOKS.index(style)
-    rng = np.random.default_rng([seed, style_index])
-    # Cycle through a shuffled list of training scenes, so a small folder still covers many triples.
-    order = [TRAIN_SCENES[i] for i in rng.permutation(len(TRAIN_SCENES))]
-    for i in range(n_images):
-        scene = order[i % len(order)]
-        image_seed = FOLDER_SEED_OFFSET + seed * 1_000_000 + style_index * 100_000 + i
-        render_look(scene, style, image_seed).save(tmp / f"{i:04d}.png")
-        (tmp / f"{i:04d}.txt").write_text(caption(scene) + "\n")
-    (tmp / "validation_prompts.txt").write_text("".join(caption(s) + "\n" for s in HELDOUT_SCENES))
-    old = out_dir / f".{style}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+
+    def fill(tmp: Path) -> None:
+        tmp.mkdir()
+        rng = np.random.default_rng([seed, style_index])
+        # Cycle through a shuffled list of training scenes, so a small folder still covers many triples.
+        order = [TRAIN_SCENES[i] for i in rng.permutation(len(TRAIN_SCENES))]
+        for i in range(n_images):
+            scene = order[i % len(order)]
+            image_seed = FOLDER_SEED_OFFSET + seed * 1_000_000 + style_index * 100_000 + i
+            render_look(scene, style, image_seed).save(tmp / f"{i:04d}.png")
+            (tmp / f"{i:04d}.txt").write_text(caption(scene) + "\n")
+        (tmp / "validation_prompts.txt").write_text("".join(caption(s) + "\n" for s in HELDOUT_SCENES))
+
+    return replace_folder(Path(out_dir) / style, fill)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -52,6 +51,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
+from research.atomic import replace_folder
 from research.cli import user_errors_exit_2
 from research.errors import ConfigError
 from research.toyworld.captions import styled_caption
@@ -180,17 +180,6 @@ def take_step(opt, loss: torch.Tensor, step: int, bar, digits: int = 4) -> None:
 def autocast(device: torch.device):
     # bf16 matmuls/convs on GPU (weights and optimizer stay fp32); CPU bf16 is slower, so fp32 there.
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def atomic_save(target: Path, save_fn) -> None:
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_fn(tmp)
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -570,7 +559,7 @@ def clip_stage(r: Run):
         return CLIPModel.from_pretrained(r.out / "clip")
     t0 = time.time()
     clip = train_clip(r.recipe, r.tokenizer, r.device, r.args.workers, r.state("clip")).cpu()
-    atomic_save(r.out / "clip", lambda p: save_clip(clip, r.tokenizer, p))
+    replace_folder(r.out / "clip", lambda p: save_clip(clip, r.tokenizer, p))
     r.finish("clip", t0)
     return clip
 
@@ -580,7 +569,7 @@ def vae_stage(r: Run):
         return AutoencoderKL.from_pretrained(r.out / "sd", subfolder="vae")
     t0 = time.time()
     vae = train_vae(r.recipe, r.device, r.args.workers, r.state("vae")).cpu()
-    atomic_save(r.out / "sd" / "vae", vae.save_pretrained)  # kept on its own too, should a later stage fail
+    replace_folder(r.out / "sd" / "vae", vae.save_pretrained)  # kept on its own too, should a later stage fail
     r.finish("vae", t0)
     return vae
 
@@ -590,7 +579,7 @@ def sd_stage(r: Run, vae, text_encoder) -> None:
     t0 = time.time()
     if r.training("unet"):
         def checkpoint(unet, scheduler, step):
-            atomic_save(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
+            replace_folder(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
             unet.to(r.device)  # save_sd moved it to the CPU
             vae.to(r.device)
             print(f"unet checkpoint at step {step} written to {r.out / 'sd'}")
@@ -600,7 +589,7 @@ def sd_stage(r: Run, vae, text_encoder) -> None:
         unet, scheduler = UNet2DConditionModel.from_pretrained(r.out / "sd", subfolder="unet"), make_scheduler()
     else:
         return
-    atomic_save(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
+    replace_folder(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
     if r.training("unet"):
         r.finish("unet", t0)
 
@@ -613,7 +602,7 @@ def oracle_stage(r: Run, vae) -> None:
     oracle = train_oracle(r.recipe, vae, r.device, r.args.workers, r.state("oracle"), r.recipe.oracle_steps, r.recipe.oracle_batch).cpu()
     if (r.out / "oracle").is_dir() and (old := Oracle.from_pretrained(r.out / "oracle")).content_width:
         oracle = Oracle.joined(oracle, old)
-    atomic_save(r.out / "oracle", oracle.save_pretrained)
+    replace_folder(r.out / "oracle", oracle.save_pretrained)
     r.finish("oracle", t0)
     print("oracle accuracy on fresh renders:", oracle_accuracy(oracle))
 
@@ -626,7 +615,7 @@ def judge_stage(r: Run, vae) -> None:
     rec = r.recipe
     judge = train_oracle(rec, vae, r.device, r.args.workers, r.state("judge"), rec.judge_steps, rec.judge_batch, rec.judge_ink_fraction)
     oracle = Oracle.joined(Oracle.from_pretrained(r.out / "oracle"), judge.cpu())
-    atomic_save(r.out / "oracle", oracle.save_pretrained)
+    replace_folder(r.out / "oracle", oracle.save_pretrained)
     r.finish("judge", t0)
     print("oracle accuracy on fresh renders, with the content trunk:", oracle_accuracy(oracle))
 
