@@ -24,7 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag gives the one `error:` line every other bad input gives (no usage dump)."""
 
     def error(self, message: str):
-        print(f"error: {message}; see {self.prog} --help.", file=sys.stderr)
+        print(f"error: {message.rstrip('.')}; see {self.prog} --help.", file=sys.stderr)
         sys.exit(2)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from research.arguments import OneLineParser
 from research.benchmarking.measurements import GROWTH, PARTS, run_bench
 from research.benchmarking.publish import publish
 from research.cli import user_errors_exit_2
@@ -37,8 +38,8 @@ OUT_DIR = Path(__file__).resolve().parent.parent / "reports" / "bench"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m research.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m research.bench", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded", help="embedded | tiny | sd15 (random weights) | a model folder or hub id")
     p.add_argument("--config", default=str(TOY_CONFIG), help="the training recipe (targets, batch, loss, sampler)")
     p.add_argument("--resolution", type=int, default=0, help="0 = the recipe's")

@@ -19,7 +19,7 @@ import argparse
 import math
 import sys
 
-from research.arguments import add_config_arguments
+from research.arguments import OneLineParser, add_config_arguments
 from research.cli import user_errors_exit_2
 from research.config import ConfigError
 from research.experiments.blend_files import WEIGHT_NAME
@@ -52,8 +52,8 @@ def parse_export_weight(text: str) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m research.blend", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m research.blend", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter-a", "--adapter_a", dest="adapter_a", required=True,
                         help="LoRA run folder (or its checkpoints folder) of style A (t=0)")
     parser.add_argument("--adapter-b", "--adapter_b", dest="adapter_b", required=True,

@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from research.arguments import add_config_arguments, config_from_args
+from research.arguments import OneLineParser, add_config_arguments, config_from_args
 from research.cli import user_errors_exit_2
 from research.config import RECIPE_LEARNING_RATES, ConfigError, parse_bool
 from research.experiments.method_comparison import (REFERENCE_LR, compare, format_table, learning_rates,
@@ -46,8 +46,8 @@ from research.methods import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m research.compare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m research.compare", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated methods to compare (default: all of them)")
     parser.add_argument("--learning-rates", "--learning_rates", dest="learning_rates", default="",

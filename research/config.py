@@ -153,6 +153,7 @@ class TrainConfig:
         self._check_numbers()
         self._check_choices()
         _check_caption_template(self.caption_template)
+        self._check_metrics()
         if self.resume_from_checkpoint and not self.run_dir:
             raise ConfigError("--resume-from-checkpoint needs --run-dir pointing at the run folder to continue.")
 
@@ -191,6 +192,16 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 shown = ", ".join(a for a in allowed if a)
                 raise ConfigError(f"--{flag(name)} must be one of {shown}, got {getattr(self, name)!r}.")
+
+    def _check_metrics(self) -> None:
+        """A misspelt metric is refused here, not after training and sampling have run."""
+        from research.metrics import METRICS  # lazily: the metrics pull in torch
+
+        names = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        unknown = [m for m in names if m not in METRICS]
+        if names != ["none"] and unknown:
+            raise ConfigError(f"--metrics names unknown metric(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join(METRICS)}, or none.")
 
     def _check_method(self) -> None:
         if self.method not in METHOD_NAMES:

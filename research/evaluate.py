@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from research.arguments import TypedFlag, add_config_arguments, add_run_dir_argument, finished_run_config
+from research.arguments import OneLineParser, TypedFlag, add_config_arguments, add_run_dir_argument, finished_run_config
 from research.cli import user_errors_exit_2
 from research.config import TrainConfig
 from research.data import style_folder_for
@@ -27,8 +27,8 @@ EVAL_FLAGS = ["num_eval_images", "metrics", "clip_model", "feature_extractor", "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m research.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m research.evaluate", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_dir_argument(parser)
     add_config_arguments(parser, names=EVAL_FLAGS)
     parser.add_argument("--num-images", dest="num_eval_images", type=int, default=TrainConfig.num_eval_images,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from research.arguments import add_config_arguments, add_run_dir_argument, finished_run_config
+from research.arguments import OneLineParser, add_config_arguments, add_run_dir_argument, finished_run_config
 from research.cli import user_errors_exit_2
 from research.methods import get_method
 from research.models import load_pipeline, pick_device, pick_precision, weight_dtype
@@ -19,8 +19,8 @@ OVERRIDES = ["num_eval_images", "num_inference_steps", "guidance_scale", "sample
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m research.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m research.sample", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_dir_argument(parser)
     add_config_arguments(parser, names=OVERRIDES + ["validation_prompts_file"])
     return parser

@@ -36,7 +36,7 @@ import sys
 
 import torch
 
-from research.arguments import add_config_arguments, config_from_args
+from research.arguments import OneLineParser, add_config_arguments, config_from_args
 from research.cli import user_errors_exit_2
 from research.config import ConfigError, TrainConfig, parse_bool
 from research.experiments.hyperparameter_search import (DEFAULT_EXPERIMENT, DEFAULT_STORAGE, DEFAULT_TRIALS,
@@ -48,8 +48,8 @@ from research.tracking import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m research.search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m research.search", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     s = parser.add_argument_group("search")
 
     def flag(name: str, **kw):

@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from research.arguments import OneLineParser
 from research.cli import user_errors_exit_2
 from research.config import ConfigError
 from research.experiments.study import STAGES, record, run_study
@@ -51,8 +52,8 @@ def default_styles(data_root: str, styles: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m research.study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m research.study", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=TOY_CONFIG, help="run config every stage starts from")
     parser.add_argument("--data-root", "--data_root", dest="data_root", default=TOY_DATA_ROOT,
                         help="folder of style folders (one per style)")

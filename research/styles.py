@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from research.arguments import add_config_arguments, config_from_args
+from research.arguments import OneLineParser, add_config_arguments, config_from_args
 from research.cli import user_errors_exit_2
 from research.config import ConfigError, TOY_CONFIG
 from research.experiments.style_adapters import styles
@@ -26,8 +26,8 @@ from research.tracking import REPO_ROOT, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m research.styles", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="python -m research.styles", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", "--data_root", dest="data_root", default="data/toy",
                         help="folder with one sub-folder of images per style")
     parser.add_argument("--styles", default="", help="comma-separated style folder names; empty = all")

@@ -118,6 +118,8 @@ CASES = [
     ("sampler-unknown", lambda c: ["--sampler", "plms"], "--sampler must be one of"),
     ("prediction-unknown", lambda c: ["--prediction-type", "sample"], "--prediction-type must be one of"),
     ("features-unknown", lambda c: ["--feature-extractor", "vgg"], "--feature-extractor must be one of"),
+    ("metric-unknown", lambda c: ["--metrics", "clip_score,fdi"], "--metrics names unknown metric(s) fdi"),
+    ("metric-none-and-more", lambda c: ["--metrics", "none,fid"], "--metrics names unknown metric(s) none"),
     ("targets-empty", lambda c: ["--unet-target-modules", " , "], "--unet-target-modules is empty"),
     ("targets-unknown", lambda c: ["--unet-target-modules", "to_q,not_a_layer"], "names no layer of the model"),
     ("rank-larger-than-layers", lambda c: ["--rank", "4096"], "--rank 4096 is larger than the layer"),
