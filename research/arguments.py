@@ -78,17 +78,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: list[str] | Non
                                      help=f"{comments.get(f.name, '')} (default: {f.default!r})")
 
 
-def given_values(args: argparse.Namespace) -> dict[str, Any]:
+def given_values(args: argparse.Namespace, names: list[str] | None = None) -> dict[str, Any]:
     """The values a person gave: the --config file's, overridden by typed flags (under `mlflow run`: by
-    flags that differ from their default). Defaults are left out, so a resume can tell what was asked."""
+    flags that differ from their default). Defaults are left out, so a resume can tell what was asked.
+    `names`, when given, keeps only those fields (a follow-up command's flags)."""
+    keep = {f.name for f in fields(TrainConfig)} if names is None else set(names)
     values = {}
     if getattr(args, "config", ""):
         values = TrainConfig.from_json_file(args.config).to_dict()  # checks the file on its own, naming it
-        values = {k: v for k, v in values.items() if k in read_config_file(args.config)}
+        values = {k: v for k, v in values.items() if k in read_config_file(args.config) and k in keep}
     under_mlflow = bool(os.environ.get("MLFLOW_RUN_ID"))  # it passes every parameter, typed or not
     typed = getattr(args, "_typed", set())
     for f in fields(TrainConfig):
-        if hasattr(args, f.name):
+        if f.name in keep and hasattr(args, f.name):
             given = getattr(args, f.name)
             # a value other than the default always overrides (sub-commands set their own defaults);
             # a typed default does too, except under mlflow run where "typed" means nothing
@@ -103,24 +105,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def apply_overrides(cfg: TrainConfig, args: argparse.Namespace, names: list[str]) -> TrainConfig:
-    """Flags of a follow-up command (sample, evaluate, blend) override a finished run's config.json.
-
-    Same precedence as a training command, over the run's own values: the --config file's keys among
-    `names`, then the flags a person gave. A typed flag wins even when it equals the dataclass default
-    (``--guidance-scale 7.5`` over a run sampled at 5); under `mlflow run`, which passes every
-    parameter, only values other than the default count as given."""
-    values = cfg.to_dict()
-    if getattr(args, "config", ""):
-        in_file = read_config_file(args.config)
-        checked = TrainConfig.from_json_file(args.config).to_dict()  # names the file if a value is bad
-        values.update({k: checked[k] for k in names if k in in_file})
-    under_mlflow = bool(os.environ.get("MLFLOW_RUN_ID"))
-    typed = getattr(args, "_typed", set())
-    for name in names:
-        given = getattr(args, name)
-        if given != getattr(TrainConfig, name) or (name in typed and not under_mlflow):
-            values[name] = given
-    return TrainConfig.from_dict(values, source="command line")
+    """Flags of a follow-up command (sample, evaluate, blend) override a finished run's config.json,
+    with a training command's precedence over the run's own values (`given_values`, kept to `names`):
+    a typed flag wins even when it equals the default (``--guidance-scale 7.5`` over a run sampled at 5)."""
+    return TrainConfig.from_dict({**cfg.to_dict(), **given_values(args, names)}, source="command line")
 
 
 def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
