@@ -36,6 +36,10 @@ RECIPE_LEARNING_RATES = {"lora": 1e-4, "textual_inversion": 5e-3, "dreambooth": 
 # The values --method takes. The registry (research.methods.METHODS) implements exactly these and refuses
 # any other name itself; a test keeps the two lists equal, so the config needs no import of the registry.
 METHOD_NAMES = tuple(RECIPE_LEARNING_RATES)
+# The names --metrics takes, in research.metrics' order. The metrics package computes exactly these; a
+# test keeps the two lists equal, so the config checks a name without importing torch and the metrics.
+METRIC_NAMES = ("clip_score", "style_similarity", "fid", "kid", "inception_score", "lpips_diversity",
+                "oracle_style_accuracy", "oracle_content_accuracy")
 
 
 @dataclass
@@ -193,15 +197,17 @@ class TrainConfig:
                 shown = ", ".join(a for a in allowed if a)
                 raise ConfigError(f"--{flag(name)} must be one of {shown}, got {getattr(self, name)!r}.")
 
+    def metric_names(self) -> list[str]:
+        """--metrics as a list; [] for "none"."""
+        names = [m.strip() for m in self.metrics.split(",") if m.strip()]
+        return [] if names == ["none"] else names
+
     def _check_metrics(self) -> None:
         """A misspelt metric is refused here, not after training and sampling have run."""
-        from research.metrics import METRICS  # lazily: the metrics pull in torch
-
-        names = [m.strip() for m in self.metrics.split(",") if m.strip()]
-        unknown = [m for m in names if m not in METRICS]
-        if names != ["none"] and unknown:
+        unknown = [m for m in self.metric_names() if m not in METRIC_NAMES]
+        if unknown:
             raise ConfigError(f"--metrics names unknown metric(s) {', '.join(unknown)}; choose from "
-                              f"{', '.join(METRICS)}, or none.")
+                              f"{', '.join(METRIC_NAMES)}, or none.")
 
     def _check_method(self) -> None:
         if self.method not in METHOD_NAMES:

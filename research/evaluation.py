@@ -24,18 +24,13 @@ from research.tracking import flatten_metrics, log_to_finished_run, write_metric
 log = logging.getLogger("research")
 
 
-def metric_names(cfg) -> list[str]:
-    names = [m.strip() for m in cfg.metrics.split(",") if m.strip()]
-    return [] if names == ["none"] else names
-
-
 def evaluate_samples(cfg, samples: dict, references: list, device) -> dict:
     """{"adapter": {...}, "baseline": {...}, "delta": {...}} for the images sample_run produced.
 
     A missing metric backbone does not throw away a trained adapter: that one error goes into the
     result (and the log) as one sentence with its fix. Any other error is a bug and propagates.
     """
-    names = metric_names(cfg)
+    names = cfg.metric_names()
     if not names:
         return {}
     # deferred on purpose: the metrics pull in clean-fid and torchvision (seconds of import time), which a

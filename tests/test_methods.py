@@ -132,6 +132,14 @@ def test_the_registry_implements_exactly_the_methods_the_config_accepts():
         get_method(cfg)
 
 
+def test_the_metrics_compute_exactly_the_names_the_config_accepts():
+    """The config checks --metrics without importing the metrics package; the two lists stay one."""
+    from research.config import METRIC_NAMES
+    from research.metrics import METRICS
+
+    assert METRICS == METRIC_NAMES
+
+
 # ─── DreamBooth ──────────────────────────────────────────────────────────────────────────────
 DB = dict(method="dreambooth", max_train_steps=2, learning_rate=1e-3, checkpointing_steps=0, lr_scheduler="constant")
 

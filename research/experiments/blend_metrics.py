@@ -15,7 +15,7 @@ from PIL import Image
 
 from research.config import TrainConfig
 from research.data import DataError, load_style_folder
-from research.evaluation import load_oracle, metric_names
+from research.evaluation import load_oracle
 from research.experiments.blend_math import Adapter, t_label
 from research.metrics import (MissingWeightsError, image_features, load_backbones, metric_interval,
                               metric_replicates)
@@ -92,7 +92,7 @@ def _score_one_weight(bk, feats: dict, design: Design, text, sides: dict[str, _S
 
 def evaluate_blend(cfg: TrainConfig, images: dict[float, list[Image.Image]], jobs, a: Adapter, b: Adapter) -> dict:
     """{"t_0.50": {"clip_score": {...}, "style_similarity_a": {...}, "oracle_style_prob_b": {...}}, ...}."""
-    names = metric_names(cfg)
+    names = cfg.metric_names()
     if not names:
         return {}
     device = pick_device(cfg.device)

@@ -39,7 +39,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from research.config import ConfigError, TrainConfig
 from research.data import DataError, require_style_dir, style_folder_for
 from research.errors import ObjectiveError
-from research.evaluation import evaluate_samples, metric_names
+from research.evaluation import evaluate_samples
 from research.experiments.search_records import (create_parent_run, finalize, mlflow_client, recover_dead_local_trials,
                                                  retry_stale_trial, tag_worker, wait_for_parent, worker_name)
 from research.models import ModelNotFoundError
@@ -142,7 +142,7 @@ def resolve_directions(objectives: list[str], direction: str) -> list[str]:
 
 def check_objectives(cfg: TrainConfig, objectives: list[str]) -> None:
     """Fail before any training when an objective names a metric the runs will not compute."""
-    names = metric_names(cfg)
+    names = cfg.metric_names()
     for objective in objectives:
         arm, _, name = objective.partition(".")
         if arm in ("adapter", "baseline", "delta") and name not in names:
