@@ -86,7 +86,8 @@ def given_values(args: argparse.Namespace, names: list[str] | None = None) -> di
     values = {}
     if getattr(args, "config", ""):
         values = TrainConfig.from_json_file(args.config).to_dict()  # checks the file on its own, naming it
-        values = {k: v for k, v in values.items() if k in read_config_file(args.config) and k in keep}
+        in_file = read_config_file(args.config).keys() & keep  # read once, not once per field
+        values = {k: v for k, v in values.items() if k in in_file}
     under_mlflow = bool(os.environ.get("MLFLOW_RUN_ID"))  # it passes every parameter, typed or not
     typed = getattr(args, "_typed", set())
     for f in fields(TrainConfig):
