@@ -276,8 +276,10 @@ def test_compare_reuses_a_finished_run_of_the_same_recipe_and_trains_when_it_dif
     paths = {a.path for a in mlflow.MlflowClient().list_artifacts(copy.info.run_id)}
     assert {"metrics.json", "config.json", "inference"} <= paths
 
+    before = set((tmp_path / "runs" / "exp3").iterdir())
     assert compare_cli.main(compare_args + ["--rank", "2", "--reuse", f"lora={source}"]) == 0  # another recipe
-    newest = sorted((tmp_path / "runs" / "exp3").glob("*_compare"))[-1]
+    # the new folder, by what appeared: one started in the same second is named <ts>_compare-1
+    (newest,) = [d for d in set((tmp_path / "runs" / "exp3").iterdir()) - before if "_compare" in d.name]
     arm = json.loads((newest / "comparison.json").read_text())["methods"]["lora"]
     assert "reused" not in arm and arm["status"] == "finished" and arm["run_dir"] != str(source)
 
