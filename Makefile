@@ -77,7 +77,7 @@ blend: setup ## Experiment IV, blend two LoRA runs: A=runs/exp1/<a> B=runs/exp1/
 report: setup ## the study report from MLflow: reports/out/index.html, also a `report` run in MLflow [ARGS="--study-name s"]
 	$(PY) reports/report.py $(ARGS)
 
-study: setup data ## Experiments I-IV and the report on the embedded default (measured 43 min on 2 CPU cores) [ARGS="--force report"]
+study: setup data ## Experiments I-IV and the report on the embedded default (measured 26-43 min on 2 CPU cores) [ARGS="--force report"]
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m research.study $(ARGS)
 
 toyworld: setup ## rebuild the toy world's weights; run it again after a stop and it resumes (TOY_DEVICE=cuda: ~20 min on an H100; 2 CPU cores: ~45 h, nearly all of it the VAE) [ARGS="--only vae" retrains a stage]
