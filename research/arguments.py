@@ -85,9 +85,9 @@ def given_values(args: argparse.Namespace, names: list[str] | None = None) -> di
     keep = {f.name for f in fields(TrainConfig)} if names is None else set(names)
     values = {}
     if getattr(args, "config", ""):
-        values = TrainConfig.from_json_file(args.config).to_dict()  # checks the file on its own, naming it
-        in_file = read_config_file(args.config).keys() & keep  # read once, not once per field
-        values = {k: v for k, v in values.items() if k in in_file}
+        in_file = read_config_file(args.config)  # the file's own keys, read once
+        checked = TrainConfig.from_dict(in_file, source=str(args.config)).to_dict()  # checks the file on its own, naming it
+        values = {k: v for k, v in checked.items() if k in in_file and k in keep}
     under_mlflow = bool(os.environ.get("MLFLOW_RUN_ID"))  # it passes every parameter, typed or not
     typed = getattr(args, "_typed", set())
     for f in fields(TrainConfig):
