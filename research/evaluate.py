@@ -2,6 +2,11 @@
 (thin CLI over research/evaluation.py).
 
     python -m research.evaluate --run-dir runs/exp1/<run> --num-images 256 --metrics clip_score,fid,kid
+    python -m research.evaluate --run-dir <a copy of the run> --num-images 256 --eval-seed-offset 2000
+
+The second scores the adapter on seeds its reported numbers never used (seed + 2000, ...): a setting
+chosen there is not chosen on the numbers that will be reported. Evaluate a copy of the run folder,
+since metrics.json is rewritten; the seeds each image used are in inference/manifest.json.
 
 It regenerates ``inference/`` (adapter) and ``inference/baseline/`` with the requested number of
 images per arm, recomputes the metrics, rewrites ``metrics.json`` (keeping the training cost) and
@@ -23,7 +28,7 @@ from research.methods import get_method
 from research.tracking import setup_logging
 
 EVAL_FLAGS = ["num_eval_images", "metrics", "clip_model", "feature_extractor", "inception_weights", "lpips_weights",
-              "oracle", "num_inference_steps", "guidance_scale", "sampler", "device"]
+              "oracle", "num_inference_steps", "guidance_scale", "sampler", "device", "eval_seed_offset"]
 
 
 def build_parser() -> argparse.ArgumentParser:

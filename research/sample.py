@@ -15,7 +15,7 @@ from research.methods import get_method
 from research.models import load_pipeline, pick_device, pick_precision, weight_dtype
 from research.sampling import check_saved_artifacts, run_prompts, sample_run
 
-OVERRIDES = ["num_eval_images", "num_inference_steps", "guidance_scale", "sampler", "device"]
+OVERRIDES = ["num_eval_images", "num_inference_steps", "guidance_scale", "sampler", "device", "eval_seed_offset"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -230,9 +230,14 @@ def test_evaluate_cli_regenerates_and_rescores(finished_run, tiny_clip, tmp_path
     assert after["cost"] == before["cost"]  # training cost is kept
     assert len(list((run / "inference").glob("*.png"))) == 6
     # fewer images than the set before: the folders hold the new set only, not its 6 images' leftovers
-    assert evaluate.main(["--run-dir", str(run), "--num-images", "2", "--metrics", "clip_score"]) == 0
+    # ... on seeds the run's own numbers never used (--eval-seed-offset), both arms on the same ones
+    assert evaluate.main(["--run-dir", str(run), "--num-images", "2", "--metrics", "clip_score",
+                          "--eval-seed-offset", "1000"]) == 0
     manifest = json.loads((run / "inference" / "manifest.json").read_text())
     assert len(manifest) == 2
+    trained = json.loads((run / "config.json").read_text())
+    assert {e["seed"] for e in manifest} == {trained["seed"] + 1000}
+    assert json.loads((run / "inference" / "baseline" / "manifest.json").read_text()) == manifest
     assert sorted(p.name for p in (run / "inference").glob("*.png")) == sorted(e["file"] for e in manifest)
     assert len(list((run / "inference" / "baseline").glob("*.png"))) == 2
     assert len(list((run / "thumbnails").glob("*.png"))) == len({e["prompt_index"] for e in manifest})
