@@ -104,10 +104,16 @@ def _load_error(base_model: str, local: bool, err: Exception) -> Exception:
                             "delete its copy in the Hugging Face cache and download it again.")
 
 
+def vae_downsampling_factor(vae) -> int:
+    """Pixels per latent position along each side (diffusers' `vae_scale_factor`): 2^(blocks-1), so 4 for
+    the toy VAE and 8 for SD 1.5's."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def check_resolution(vae, unet, resolution: int) -> None:
     """The VAE shrinks images by 2^(blocks-1) and the UNet the latents by as much again: below that
     the UNet has less than one latent pixel to work on at its deepest level."""
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    vae_factor = vae_downsampling_factor(vae)
     unet_factor = 2 ** (len(unet.config.down_block_types) - 1)
     smallest = vae_factor * max(unet_factor, 8)  # and at least a few latents across
     if resolution % vae_factor or resolution < smallest:
