@@ -8,7 +8,7 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from research.errors import ConfigError, ResumeError
@@ -69,7 +69,7 @@ def record_steps(monkeypatch) -> list[int]:
 
 
 def total_steps(recipe: Recipe, stage: str) -> int:
-    return getattr(recipe, f"{stage}_steps") + (recipe.unet_restart_steps if stage == "unet" else 0)
+    return getattr(recipe, f"{stage}_steps") + (sum(recipe.unet_restarts) if stage == "unet" else 0)
 
 
 def same_weights(a: dict, b: dict) -> list[str]:
@@ -93,16 +93,16 @@ def test_a_stopped_stage_resumes_bit_for_bit(stage, stop, tmp_path, monkeypatch)
     assert same_weights(whole, resumed) == []
 
 
-def test_the_unets_second_cycle_is_a_fresh_start_from_the_first_cycles_weights(monkeypatch):
-    """What lets a rebuild (or the shipped UNet) run the second cycle alone from saved first-cycle weights."""
+def test_the_unets_last_cycle_is_a_fresh_start_from_the_cycles_before_it(monkeypatch):
+    """What lets a rebuild (or the shipped UNet) run its last cycle alone from saved weights of the cycles before it."""
     recipe = tiny_recipe()
-    assert recipe.unet_restart_steps > 0
-    both = TRAINERS["unet"](recipe, StageState()).state_dict()
-    first = TRAINERS["unet"](dataclasses.replace(recipe, unet_restart_steps=0), StageState())
-    assert same_weights(both, first.state_dict()) != []  # the second cycle trains
-    monkeypatch.setattr(pretrain, "make_unet", lambda cross_attention_dim: first.train())
-    alone = dataclasses.replace(recipe, unet_steps=recipe.unet_restart_steps, unet_restart_steps=0)
-    assert same_weights(both, TRAINERS["unet"](alone, StageState()).state_dict()) == []
+    assert recipe.unet_restarts
+    every = TRAINERS["unet"](recipe, StageState()).state_dict()
+    before = TRAINERS["unet"](dataclasses.replace(recipe, unet_restarts=recipe.unet_restarts[:-1]), StageState())
+    assert same_weights(every, before.state_dict()) != []  # the last cycle trains
+    monkeypatch.setattr(pretrain, "make_unet", lambda cross_attention_dim, factor: before.train())
+    alone = dataclasses.replace(recipe, unet_steps=recipe.unet_restarts[-1], unet_restarts=())
+    assert same_weights(every, TRAINERS["unet"](alone, StageState()).state_dict()) == []
 
 
 @pytest.fixture
@@ -177,3 +177,23 @@ def test_only_starts_a_stage_over_and_a_damaged_state_is_refused(tmp_path):
     state_file(tmp_path, "unet").write_bytes(b"not a state")
     with pytest.raises(ResumeError, match="--only unet"):
         pretrain.plan_stages(run())
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_each_recipes_models_fit_its_latent(factor):
+    """v2 (factor 4) codes 64 px as 16×16×4, v3 (factor 2) as 32×32×4, and each recipe's UNet denoises its latent."""
+    vae, unet = pretrain.make_vae(factor).eval(), pretrain.make_unet(32, factor).eval()
+    with torch.no_grad():
+        latent = vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mode()
+        assert latent.shape == (1, 4, 64 // factor, 64 // factor)
+        assert unet(latent, 999, torch.zeros(1, 5, 32)).sample.shape == latent.shape
+    assert unet.config.sample_size == 64 // factor
+    recipes = {name: pretrain.RECIPES[name].latent_factor for name in ("v2", "v3")}
+    assert recipes == {"v2": 4, "v3": 2}
+
+
+def test_the_shipped_vae_is_the_v2_recipes_architecture():
+    """make_vae(4) still loads the shipped weights tensor for tensor (--recipe v2 rebuilds what ships)."""
+    pretrain.make_vae(4).load_state_dict(shipped_vae().state_dict(), strict=True)
+    shipped = UNet2DConditionModel.from_pretrained(SD_DIR, subfolder="unet")
+    pretrain.make_unet(shipped.config.cross_attention_dim, 4).load_state_dict(shipped.state_dict(), strict=True)

@@ -1,7 +1,7 @@
 """Pretrain the toy world from scratch: tiny CLIP, then VAE, then UNet (plain scenes only), then the
 oracle's two trunks (`oracle`: style, on clean renders; `judge`: content, with scenes under ink lines too).
 
-    python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle,judge]
+    python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle,judge] [--recipe v3]
 
 Every stage draws its data from fixed seeds, so a rerun on the same device repeats the result
 (CUDA kernels and thread counts may change the last digits). Each output folder is written to a
@@ -28,6 +28,11 @@ Shipped weights: CLIP and VAE from an H100 run, the UNet and the judge from CPU 
 trunk from v1 (trained on v1's VAE round trips); same code otherwise.
 The UNet's second cycle was run on its own from the shipped first-cycle weights, which gives the same
 result as running both cycles in one go (tests/test_pretrain_resume.py checks that equality).
+`--recipe v3` (stop 20, not shipped) halves the latent's downsampling: the VAE codes 64 px as 32×32×4
+and the UNet gains a first level at 32×32 (make_vae, make_unet), in three cycles of batch 128. On an
+H100: VAE 5,000 steps in 127 s (22 ms a step), UNet ~9 steps/s (a step of 64 takes 98 ms, of 128
+118 ms: launch-bound), cycles 1,700 + 700 in 240 s and 2,000 more in ~225 s. On 2 CPU cores (timed
+over a few steps): VAE ~11 s a step (~15 h), UNet ~2.3 s a step (~2.8 h).
 Check a VAE with `python -m research.toyworld.reconstruction --sd <out>/sd` (PSNR per family).
 Judge a rebuilt base model with `python -m research.toyworld.check --sd <out>/sd`.
 """
@@ -35,6 +40,7 @@ Judge a rebuilt base model with `python -m research.toyworld.check --sd <out>/sd
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -77,6 +83,7 @@ class Recipe:
     clip_batch: int = 512  # large batches make the contrastive task hard enough to learn fine words
     clip_lr: float = 1e-3
     vae_images: int = 24_000
+    latent_factor: int = 4  # the VAE's downsampling: 4, a 16×16×4 latent for 64 px (v2, shipped); 2 for v3 (RECIPES)
     vae_steps: int = 10_000  # textures as well as looks: v1's 3,000 looks-only steps left hatching at ~11 dB
     vae_batch: int = 128
     vae_lr: float = 5e-4
@@ -84,7 +91,7 @@ class Recipe:
     vae_texture_fraction: float = 0.5  # the rest are the four looks: textures make the VAE encode looks it never saw
     unet_images: int = 10_000  # plain only: ~75 layouts per training triple
     unet_steps: int = 5_000  # 2,250 steps without offset noise: 84% content, 70% plain; 5,000 with it: 97%, 98%
-    unet_restart_steps: int = 2_000  # a second cycle from the first one's EMA weights (see train_unet); 0 = none
+    unet_restarts: tuple[int, ...] = (2_000,)  # further cycles, each from the last one's EMA weights (restart_cycle); () = none
     unet_batch: int = 32
     unet_lr: float = 1e-3
     unet_ema: float = 0.999  # sampling quality of tiny diffusion models depends a lot on EMA weights
@@ -106,9 +113,20 @@ class Recipe:
     def scaled(self, scale: float) -> "Recipe":
         out = replace(self)  # floats (rates, fractions) kept as they are
         for name, value in vars(self).items():
-            if isinstance(value, int) and value and not name.endswith(("batch", "variants")):  # 0 (a cycle left out) stays 0
+            if isinstance(value, int) and value and not name.endswith(("batch", "variants", "factor")):
                 setattr(out, name, max(8, int(value * scale)))
+        out.unet_restarts = tuple(max(8, int(n * scale)) for n in self.unet_restarts)
         return out
+
+
+# `--recipe`: v2 built the shipped weights. v3 halves the latent's downsampling (make_vae, make_unet);
+# its step counts are what two H100 leases held in stop 20, and its base is not shipped: it draws
+# backgrounds off-colour (README, "Toy world v3").
+RECIPES = {
+    "v2": Recipe(),
+    "v3": Recipe(latent_factor=2, vae_steps=5_000, unet_batch=128, unet_steps=1_700, unet_restarts=(700, 2_000),
+                 unet_checkpoint_every=500),
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- data
@@ -248,16 +266,24 @@ def text_encoder_from_clip(clip):
 
 
 # ----------------------------------------------------------------------------- VAE
-def make_vae():
+def make_vae(factor: int = 4):
+    """An `AutoencoderKL` that downsamples 64 px by `factor`. 4 (v2): three levels, attention in the
+    mid-block. 2 (v3): two levels and no mid-block attention, which at a 32×32 latent would cost more
+    than the rest of the VAE on a CPU. v2's latent kept 0–2 dB more than a blurred copy of any texture,
+    and woodcut's lines (period ~6 px, 1.5 latent pixels at 4×) came back from adapters faint."""
+    if factor not in (2, 4):
+        raise ConfigError(f"latent_factor must be 2 or 4, not {factor}")
+    blocks = (32, 64, 64) if factor == 4 else (32, 64)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, block_out_channels=(32, 64, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, block_out_channels=blocks,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks), up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        mid_block_add_attention=factor == 4,
     )  # fmt: skip
 
 
 def train_vae(recipe: Recipe, device, workers: int, state: StageState):
     torch.manual_seed(2)
-    vae = make_vae().to(device)
+    vae = make_vae(recipe.latent_factor).to(device)
     n_textures = int(recipe.vae_images * recipe.vae_texture_fraction)
     looks = render_set(recipe.vae_images - n_textures, STYLES, stage_seed=2, workers=workers)["images"]
     pixels = torch.from_numpy(np.concatenate([looks, texture_set(n_textures, TRAIN_FAMILIES, stage_seed=2, workers=workers)])).to(device)
@@ -282,10 +308,15 @@ def train_vae(recipe: Recipe, device, workers: int, state: StageState):
 
 
 # ----------------------------------------------------------------------------- UNet
-def make_unet(cross_attention_dim: int):
+def make_unet(cross_attention_dim: int, factor: int = 4):
+    """Three cross-attention levels (32, 64, 128 channels) for a 16×16 latent (factor 4, v2); for the 32×32
+    latent of factor 2 (v3), a first level without attention in front of them, as SDXL's UNet leaves
+    its finest level without it."""
+    size = 64 // factor
+    fine = ((32,), ("DownBlock2D",), ("UpBlock2D",)) if factor == 2 else ((), (), ())
     return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 128),
-        down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+        sample_size=size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(*fine[0], 32, 64, 128),
+        down_block_types=(*fine[1], *("CrossAttnDownBlock2D",) * 3), up_block_types=(*("CrossAttnUpBlock2D",) * 3, *fine[2]),
         cross_attention_dim=cross_attention_dim, attention_head_dim=4,
     )  # fmt: skip
 
@@ -306,7 +337,7 @@ def encode_text(text_encoder, tokenizer, texts: list[str], device) -> torch.Tens
 
 def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: int, state: StageState, on_checkpoint=None):
     torch.manual_seed(3)
-    unet = make_unet(text_encoder.config.hidden_size).to(device)
+    unet = make_unet(text_encoder.config.hidden_size, recipe.latent_factor).to(device)
     scheduler = make_scheduler()
     data = render_set(recipe.unet_images, ("plain",), stage_seed=3, workers=workers)
     # Neither the VAE nor the text encoder trains here: encode everything once.
@@ -325,11 +356,12 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
     gen = torch.Generator(device).manual_seed(3)
     state.resume(unet=unet, ema=ema, opt=opt, gen=gen)
-    total = recipe.unet_steps + recipe.unet_restart_steps
+    starts = np.cumsum([0, recipe.unet_steps, *recipe.unet_restarts]).tolist()  # each cycle's first step; the last is the end
+    total = starts[-1]
     for step, bar in state.steps(total, "unet"):
-        if step == recipe.unet_steps:
+        if step in starts[1:-1]:
             restart_cycle(unet, ema, opt, gen)
-        cycle_step = step - recipe.unet_steps if step >= recipe.unet_steps else step
+        cycle_step = step - max(s for s in starts if s <= step)
         for g in opt.param_groups:
             # Warm-up then constant: the EMA does the averaging, and a checkpoint after N steps of
             # the first cycle is exactly what a run with unet_steps=N gives.
@@ -365,14 +397,14 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
 
 
 def restart_cycle(unet, ema: EMAModel, opt, gen: torch.Generator) -> None:
-    """Start the UNet's second cycle from the first one's EMA weights: a fresh AdamW (its moments and
+    """Start the UNet's next cycle from the last one's EMA weights: a fresh AdamW (its moments and
     step counts cleared), a fresh EMA of the new start, and the batch order drawn again from seed 3.
 
-    Why: after the first 5,000 steps about one sampling seed in four still ended in a patchy collage
+    Why: after v2's first 5,000 steps about one sampling seed in four still ended in a patchy collage
     of colours that the v2 VAE (which can draw textures) renders and v1's could not; those seeds
     take no adapter's style. In place, so a training state saved mid-cycle resumes as it is; and
-    since everything restarts from fixed values, the second cycle is the same whether the first
-    ran in this process or was loaded from its saved weights."""
+    since everything restarts from fixed values, a cycle is the same whether the ones before it
+    ran in this process or were loaded from their saved weights."""
     ema.copy_to(unet.parameters())
     ema.shadow_params = [p.detach().clone() for p in unet.parameters()]
     ema.optimization_step = 0
@@ -479,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--only", help="comma-separated stages to retrain from step 0, their saved progress dropped; the others load "
                         "from --out (default: every stage, a finished one kept and an unfinished one resumed)")  # fmt: skip
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="v2",
+                        help="v2: the shipped weights' recipe; v3: a 2x-downsampling VAE and a UNet for its 32x32 latent (not shipped)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count and data size (smoke runs only)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that render training images")
     return parser
@@ -515,7 +549,8 @@ class Run:
     @property
     def fingerprint(self) -> dict:
         """What a saved state must match to be continued, and what a finished stage records."""
-        return {"recipe": asdict(self.recipe), "device": self.device.type}
+        # through JSON, so a tuple reads back equal from a saved state's or a done file's list
+        return json.loads(json.dumps({"recipe": asdict(self.recipe), "device": self.device.type}))
 
     def training(self, stage: str) -> bool:
         return self.plan[stage][0]
@@ -626,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)  # tiny gradients turn denormal on CPU and slow every step
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes throughout: let cuDNN pick its fastest convolutions
-    r = Run(args, Recipe().scaled(args.scale), torch.device(args.device), build_tokenizer(), {})
+    r = Run(args, RECIPES[args.recipe].scaled(args.scale), torch.device(args.device), build_tokenizer(), {})
     r.plan = plan_stages(r)
     for stage, (_, what) in r.plan.items():
         print(f"{stage}: {what}")
