@@ -23,7 +23,9 @@ CPU = torch.device("cpu")
 
 def tiny_recipe() -> Recipe:
     """The real recipe at its smallest scale (8 steps, a few dozen images), with batches a test can afford."""
-    return dataclasses.replace(Recipe().scaled(0.001), clip_batch=8, vae_batch=2, unet_batch=4, oracle_batch=8, judge_batch=8)
+    recipe = Recipe().scaled(0.001)
+    cycles = tuple(dataclasses.replace(c, batch=4) for c in recipe.unet_cycles)
+    return dataclasses.replace(recipe, clip_batch=8, vae_batch=2, unet_cycles=cycles, oracle_batch=8, judge_batch=8)
 
 
 def shipped_vae():
@@ -69,7 +71,7 @@ def record_steps(monkeypatch) -> list[int]:
 
 
 def total_steps(recipe: Recipe, stage: str) -> int:
-    return getattr(recipe, f"{stage}_steps") + (sum(recipe.unet_restarts) if stage == "unet" else 0)
+    return sum(c.steps for c in recipe.unet_cycles) if stage == "unet" else getattr(recipe, f"{stage}_steps")
 
 
 def same_weights(a: dict, b: dict) -> list[str]:
@@ -77,7 +79,7 @@ def same_weights(a: dict, b: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
 
 
-# The UNet is also stopped in its second cycle (its first has 8 steps at this scale): after the restart.
+# The UNet is also stopped in its second cycle (each has 8 steps at this scale): after the restart.
 @pytest.mark.parametrize(("stage", "stop"), [(s, 3) for s in STAGES] + [("unet", 11)])
 def test_a_stopped_stage_resumes_bit_for_bit(stage, stop, tmp_path, monkeypatch):
     recipe, train = tiny_recipe(), TRAINERS[stage]
@@ -96,12 +98,12 @@ def test_a_stopped_stage_resumes_bit_for_bit(stage, stop, tmp_path, monkeypatch)
 def test_the_unets_last_cycle_is_a_fresh_start_from_the_cycles_before_it(monkeypatch):
     """What lets a rebuild (or the shipped UNet) run its last cycle alone from saved weights of the cycles before it."""
     recipe = tiny_recipe()
-    assert recipe.unet_restarts
+    assert len(recipe.unet_cycles) > 1
     every = TRAINERS["unet"](recipe, StageState()).state_dict()
-    before = TRAINERS["unet"](dataclasses.replace(recipe, unet_restarts=recipe.unet_restarts[:-1]), StageState())
+    before = TRAINERS["unet"](dataclasses.replace(recipe, unet_cycles=recipe.unet_cycles[:-1]), StageState())
     assert same_weights(every, before.state_dict()) != []  # the last cycle trains
     monkeypatch.setattr(pretrain, "make_unet", lambda cross_attention_dim, factor: before.train())
-    alone = dataclasses.replace(recipe, unet_steps=recipe.unet_restarts[-1], unet_restarts=())
+    alone = dataclasses.replace(recipe, unet_cycles=recipe.unet_cycles[-1:])
     assert same_weights(every, TRAINERS["unet"](alone, StageState()).state_dict()) == []
 
 
@@ -192,8 +194,9 @@ def test_each_recipes_models_fit_its_latent(factor):
     assert recipes == {"v2": 4, "v3": 2}
 
 
-def test_the_shipped_vae_is_the_v2_recipes_architecture():
-    """make_vae(4) still loads the shipped weights tensor for tensor (--recipe v2 rebuilds what ships)."""
-    pretrain.make_vae(4).load_state_dict(shipped_vae().state_dict(), strict=True)
+def test_the_shipped_weights_are_the_default_recipes_architecture():
+    """The default recipe's models load the shipped weights tensor for tensor (a rebuild makes what ships)."""
+    factor = Recipe().latent_factor
+    pretrain.make_vae(factor).load_state_dict(shipped_vae().state_dict(), strict=True)
     shipped = UNet2DConditionModel.from_pretrained(SD_DIR, subfolder="unet")
-    pretrain.make_unet(shipped.config.cross_attention_dim, 4).load_state_dict(shipped.state_dict(), strict=True)
+    pretrain.make_unet(shipped.config.cross_attention_dim, factor).load_state_dict(shipped.state_dict(), strict=True)

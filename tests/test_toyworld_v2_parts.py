@@ -140,8 +140,9 @@ def test_base_model_probe_samples_every_probed_prompt_with_the_same_seeds(tiny_m
 # held-out hatching 20.0, stipple 14.4, mosaic 17.5, woodcut 16.0) and above the looks-only v1 VAE it
 # replaced (gradient 13.5, hatching 10.8, stipple 10.3, mosaic 12.7, woodcut 12.6): a VAE that only
 # encodes its training looks fails here.
-PSNR_FLOORS_DB = {"plain": 27.0, "pastel": 27.0, "vivid": 27.0, "comic": 25.0, "hatching_new_periods": 16.0,
-                  "stipple": 12.0, "mosaic": 15.0, "gradient": 32.0, "woodcut": 14.0}  # fmt: skip
+# ~3 dB under v3's VAE on these 6 images a family (stop 20: 32.5, 39.5, 33.1, 29.2, 24.4, 16.0, 19.8, 38.9, 19.9)
+PSNR_FLOORS_DB = {"plain": 29.0, "pastel": 35.0, "vivid": 29.0, "comic": 26.0, "hatching_new_periods": 21.0,
+                  "stipple": 13.0, "mosaic": 17.0, "gradient": 35.0, "woodcut": 17.0}  # fmt: skip
 
 
 def test_shipped_vae_reconstructs_every_family_above_its_floor():
@@ -167,8 +168,10 @@ def test_reference_code_keeps_flat_blocks_and_loses_more_when_coarser():
 
 
 def test_shipped_vae_beats_the_reference_code_on_the_looks_it_trained_on():
-    """The VAE's latent keeps what a blurred copy of its shape cannot (8.2, 4.4, 7.6 and 10.4 dB more on
-    64 images each, stop 19): a VAE that learned nothing of the looks scores about the reference."""
+    """The VAE's latent keeps what a blurred copy of its shape (2×2 block means for v3) cannot: on 64 images
+    each, 4.4, 3.7 and 9.2 dB more on plain, vivid and comic (stop 20). Pastel's soft shading is the
+    exception: block means already keep 39.7 dB of it, and the VAE matches them (0.0 [−0.3, 0.3]). A VAE
+    that learned nothing of the looks scores about the reference on all four."""
     from diffusers import AutoencoderKL
 
     from research.toyworld import SD_DIR
@@ -177,8 +180,9 @@ def test_shipped_vae_beats_the_reference_code_on_the_looks_it_trained_on():
     vae = AutoencoderKL.from_pretrained(SD_DIR, subfolder="vae").eval()
     measured = margin_by_family(vae, n=6, families=STYLES)
     assert {f: v["vae"]["n"] for f, v in measured.items()} == dict.fromkeys(STYLES, 6)
-    small = {f: round(v["margin"]["mean"], 1) for f, v in measured.items() if v["margin"]["mean"] < 3.0}
-    assert not small, f"VAE − reference below 3 dB: {small}"
+    floors = {"plain": 2.0, "pastel": -1.0, "vivid": 1.5, "comic": 6.0}  # dB; on these 6 images: 3.6, −0.2, 2.5, 9.5
+    small = {f: round(v["margin"]["mean"], 1) for f, v in measured.items() if v["margin"]["mean"] < floors[f]}
+    assert not small, f"VAE − reference below its floor: {small}; floors {floors}"
 
 
 def test_reconstruction_cli_prints_every_family_with_the_reference(capsys):
@@ -186,7 +190,7 @@ def test_reconstruction_cli_prints_every_family_with_the_reference(capsys):
 
     assert main(["--n", "2"]) == 0
     out = capsys.readouterr().out
-    assert "4×4 block means" in out
+    assert "2×2 block means" in out  # the shipped VAE downsamples 2×
     rows = [line.split() for line in out.splitlines()[2:]]
     assert [r[0] for r in rows] == list(FAMILIES) and all(len(r) == 10 for r in rows)
 

@@ -1,7 +1,7 @@
 """Pretrain the toy world from scratch: tiny CLIP, then VAE, then UNet (plain scenes only), then the
 oracle's two trunks (`oracle`: style, on clean renders; `judge`: content, with scenes under ink lines too).
 
-    python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle,judge] [--recipe v3]
+    python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle,judge] [--recipe v2]
 
 Every stage draws its data from fixed seeds, so a rerun on the same device repeats the result
 (CUDA kernels and thread counts may change the last digits). Each output folder is written to a
@@ -10,29 +10,32 @@ per stage. A finished stage is kept; an unfinished one continues from its traini
 every two minutes under `<out>/.state/` (pretrain_state.py), bit for bit on the CPU. `--only` retrains
 the stages it names from step 0 and leaves the others in `--out` as they are.
 
-What v2 trains on (issue 10): the VAE on the four looks plus procedural textures (textures.py), so
+What it trains on (issue 10): the VAE on the four looks plus procedural textures (textures.py), so
 a look it never saw still survives a round trip; CLIP on captions with the style phrase anywhere and
 filler or made-up words mixed in (captions.py); the UNet on plain scenes only, its captions content
 only but with the same extra words, so a prompt that gains a word keeps its content. The UNet trains
-in two cycles (5,000 + 2,000 steps, `restart_cycle`): after the first, about one sampling seed in four
-still ended in a patchy collage of colours, and no adapter could take a style on those seeds.
+in cycles (`Recipe.unet_cycles`, `restart_cycle`), each from the last one's EMA weights.
 
-How long it takes (measured for the shipped weights, 2026-11-25):
-- H100 (`--device cuda`): CLIP 2000 steps 83 s and VAE 10,000 steps 476 s (the two run side by side),
-  UNet ~9.5 steps/s (launch-bound: 5,000 steps ~9 min). Oracle (v1, kept: it scores new-VAE round
-  trips of all four looks 100% right on 150 renders each) 3000 steps 40 s.
-- 2 CPU cores: CLIP ~1 s/step (~35 min), VAE ~15 s/step (~42 h: out of reach on a CPU), UNet 1.35
-  steps/s at OMP_NUM_THREADS=2 (first cycle, 5,000 steps, 64 min; second cycle, 2,000 steps, 32 min;
-  0.8 steps/s at 1 thread), oracle ~1 s/step (~55 min), judge 2,000 steps of 128 in 2,667 s (44 min).
-Shipped weights: CLIP and VAE from an H100 run, the UNet and the judge from CPU runs, the oracle's style
-trunk from v1 (trained on v1's VAE round trips); same code otherwise.
-The UNet's second cycle was run on its own from the shipped first-cycle weights, which gives the same
-result as running both cycles in one go (tests/test_pretrain_resume.py checks that equality).
-`--recipe v3` (stop 20, not shipped) halves the latent's downsampling: the VAE codes 64 px as 32×32×4
-and the UNet gains a first level at 32×32 (make_vae, make_unet), in three cycles of batch 128. On an
-H100: VAE 5,000 steps in 127 s (22 ms a step), UNet ~9 steps/s (a step of 64 takes 98 ms, of 128
-118 ms: launch-bound), cycles 1,700 + 700 in 240 s and 2,000 more in ~225 s. On 2 CPU cores (timed
-over a few steps): VAE ~11 s a step (~15 h), UNet ~2.3 s a step (~2.8 h).
+v3 (stop 20, the default `--recipe`) halves v2's latent downsampling: the VAE codes 64 px as 32×32×4
+and the UNet gains a first level at 32×32 (make_vae, make_unet). v2's 16×16×4 latent kept little more
+than a blurred copy of fine textures, and a woodcut adapter on it drew its lines faint (its detector fired on 55.9% of
+256 images, v3's 92.2%: README "Toy world v3").
+
+How long it takes (measured for the shipped weights, 2026-11-27):
+- H100 (`--device cuda`): VAE 5,000 steps of 128 in 127 s (22 ms a step); UNet ~9 steps/s at batch
+  128 (a step of 64 takes 98 ms, of 128 118 ms: launch-bound), cycles 1 and 2 in 240 s, cycle 3
+  ~225 s. From v2's runs: CLIP 2,000 steps 83 s, oracle 3,000 steps 40 s.
+- 2 CPU cores: VAE ~11 s a step of 128 (~15 h: out of reach on a CPU); UNet ~2.3 s a step of 128
+  (cycles 1-3, ~2.8 h), 1.6 steps/s at batch 32 (cycle 4, 1,500 steps in 17 min, OMP_NUM_THREADS=2);
+  from v2's runs: CLIP ~1 s/step (~35 min), oracle ~1 s/step (~55 min), judge 2,000 steps of 128 in
+  2,667 s (44 min).
+Shipped weights: CLIP from v2's H100 run; the VAE and UNet cycles 1-2 from one H100 lease; cycle 3 run
+alone from cycles 1-2's weights on a second lease, whose time ran out at step 2,238 (its step-2,000
+checkpoint is exactly a 2,000-step cycle: constant rate after warm-up, and a checkpoint holds the EMA
+weights, as a cycle's end does); cycle 4 on 2 CPU cores from cycle 3's weights. A cycle run alone from
+the weights of the ones before it equals running them all in one go (tests/test_pretrain_resume.py).
+The judge from a CPU run on v2's VAE and the oracle's style trunk from v1 (trained on v1's VAE round
+trips): its style head calls v3 round trips of 128 renders of each look 100% right. Same code otherwise.
 Check a VAE with `python -m research.toyworld.reconstruction --sd <out>/sd` (PSNR per family).
 Judge a rebuilt base model with `python -m research.toyworld.check --sd <out>/sd`.
 """
@@ -74,33 +77,45 @@ CLIP_MEAN = (0.5, 0.5, 0.5)  # CLIP sees [-1, 1]: toy images span the full range
 CLIP_STD = (0.5, 0.5, 0.5)  # statistics are needed and the processor config stays obvious
 
 
+@dataclass(frozen=True)
+class Cycle:
+    """One UNet training cycle: warm-up then a constant rate, from the last cycle's EMA weights (restart_cycle)."""
+
+    steps: int
+    batch: int
+    noise_offset: float = 0.1  # offset noise: without it the UNet cannot move a latent channel's mean (see Recipe)
+
+
 @dataclass
 class Recipe:
-    """Every step count and data size; `--scale` shrinks them all together for smoke runs."""
+    """Every step count and data size; `--scale` shrinks them all together for smoke runs. The defaults
+    are v3's, which built the shipped weights; RECIPES["v2"] the previous toy world's."""
 
     clip_images: int = 24_000  # 6k per style
     clip_steps: int = 2_000
     clip_batch: int = 512  # large batches make the contrastive task hard enough to learn fine words
     clip_lr: float = 1e-3
     vae_images: int = 24_000
-    latent_factor: int = 4  # the VAE's downsampling: 4, a 16×16×4 latent for 64 px (v2, shipped); 2 for v3 (RECIPES)
-    vae_steps: int = 10_000  # textures as well as looks: v1's 3,000 looks-only steps left hatching at ~11 dB
+    latent_factor: int = 2  # the VAE's downsampling: 2, a 32×32×4 latent for 64 px (v3); v2's 4 (16×16×4) drew woodcut faint
+    vae_steps: int = 5_000  # v2's 4× VAE: 10,000; v1's 3,000 looks-only steps left hatching at ~11 dB
     vae_batch: int = 128
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6  # SD's VAE uses a tiny KL term: latents stay near-deterministic but bounded
     vae_texture_fraction: float = 0.5  # the rest are the four looks: textures make the VAE encode looks it never saw
     unet_images: int = 10_000  # plain only: ~75 layouts per training triple
-    unet_steps: int = 5_000  # 2,250 steps without offset noise: 84% content, 70% plain; 5,000 with it: 97%, 98%
-    unet_restarts: tuple[int, ...] = (2_000,)  # further cycles, each from the last one's EMA weights (restart_cycle); () = none
-    unet_batch: int = 32
+    # Offset noise: without it the UNet cannot move a latent channel's mean, and in v2 a seed whose noise
+    # had a positive mean in channel 1 decoded to a dot grid the oracle calls `comic`. v3's latents carry
+    # the background colour in their channel means (std 0.73 across plain renders, v2 0.11), and after
+    # three cycles at 0.1 the base still read it off the starting noise (`plain` 80%); a fourth at 0.3
+    # made it ignore that (100%). Cycles 1-3 ran on an H100 (batch 128 is launch-bound there), the
+    # fourth on 2 CPU cores (README, "Toy world v3").
+    unet_cycles: tuple[Cycle, ...] = (Cycle(1_700, 128), Cycle(700, 128), Cycle(2_000, 128), Cycle(1_500, 32, 0.3))
     unet_lr: float = 1e-3
     unet_ema: float = 0.999  # sampling quality of tiny diffusion models depends a lot on EMA weights
     unet_checkpoint_every: int = 250  # ship-ready pipeline written this often (long CPU runs can stop early)
     caption_dropout: float = 0.1  # empty caption this often, so classifier-free guidance works
     caption_variants: int = 8  # captions drawn per (scene, style) from captions.py's grammar, tokenised once
     extra_word_rate: float = 0.3  # share of captions with a filler or made-up word at a random position
-    unet_noise_offset: float = 0.1  # offset noise: without it the UNet cannot move a latent channel's mean, and a seed
-    # whose noise has a positive mean in channel 1 decodes to a dot grid the oracle calls `comic`
     oracle_images: int = 24_000
     oracle_steps: int = 3_000
     oracle_batch: int = 256
@@ -115,17 +130,16 @@ class Recipe:
         for name, value in vars(self).items():
             if isinstance(value, int) and value and not name.endswith(("batch", "variants", "factor")):
                 setattr(out, name, max(8, int(value * scale)))
-        out.unet_restarts = tuple(max(8, int(n * scale)) for n in self.unet_restarts)
+        out.unet_cycles = tuple(replace(c, steps=max(8, int(c.steps * scale))) for c in self.unet_cycles)
         return out
 
 
-# `--recipe`: v2 built the shipped weights. v3 halves the latent's downsampling (make_vae, make_unet);
-# its step counts are what two H100 leases held in stop 20, and its base is not shipped: it draws
-# backgrounds off-colour (README, "Toy world v3").
+# `--recipe`: v3 built the shipped weights. v2 is the toy world before stop 20: a 16×16×4 latent and a
+# three-level UNet, trained in two cycles of batch 32 (5,000 steps without offset noise
+# were 84% content and 70% plain; 5,000 with it 97% and 98%; the second cycle cut patchy-collage seeds).
 RECIPES = {
-    "v2": Recipe(),
-    "v3": Recipe(latent_factor=2, vae_steps=5_000, unet_batch=128, unet_steps=1_700, unet_restarts=(700, 2_000),
-                 unet_checkpoint_every=500),
+    "v3": Recipe(),
+    "v2": Recipe(latent_factor=4, vae_steps=10_000, unet_cycles=(Cycle(5_000, 32), Cycle(2_000, 32))),
 }  # fmt: skip
 
 
@@ -356,25 +370,25 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
     opt = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=1e-2)
     gen = torch.Generator(device).manual_seed(3)
     state.resume(unet=unet, ema=ema, opt=opt, gen=gen)
-    starts = np.cumsum([0, recipe.unet_steps, *recipe.unet_restarts]).tolist()  # each cycle's first step; the last is the end
-    total = starts[-1]
-    for step, bar in state.steps(total, "unet"):
-        if step in starts[1:-1]:
+    starts = np.cumsum([0, *(c.steps for c in recipe.unet_cycles)]).tolist()  # each cycle's first step; the last is the end
+    for step, bar in state.steps(starts[-1], "unet"):
+        k = int(np.searchsorted(starts, step, side="right")) - 1  # the cycle this step belongs to
+        if k and step == starts[k]:
             restart_cycle(unet, ema, opt, gen)
-        cycle_step = step - max(s for s in starts if s <= step)
+        cycle, cycle_step = recipe.unet_cycles[k], step - starts[k]
         for g in opt.param_groups:
-            # Warm-up then constant: the EMA does the averaging, and a checkpoint after N steps of
-            # the first cycle is exactly what a run with unet_steps=N gives.
+            # Warm-up then constant: the EMA does the averaging, and a checkpoint after N steps of a
+            # cycle is exactly what that cycle with N steps gives.
             g["lr"] = recipe.unet_lr * min(1.0, (cycle_step + 1) / 200)
-        idx = torch.randint(len(moments), (recipe.unet_batch,), device=device, generator=gen)
+        idx = torch.randint(len(moments), (cycle.batch,), device=device, generator=gen)
         mean, logvar = moments[idx].chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn(mean.shape, device=device, generator=gen)) * sf
-        drop = torch.rand(recipe.unet_batch, device=device, generator=gen) < recipe.caption_dropout
-        variant = torch.randint(variants, (recipe.unet_batch,), device=device, generator=gen)
+        drop = torch.rand(cycle.batch, device=device, generator=gen) < recipe.caption_dropout
+        variant = torch.randint(variants, (cycle.batch,), device=device, generator=gen)
         cond = embeds[torch.where(drop, empty, scene_t[idx] * variants + variant)]
         noise = torch.randn(latents.shape, device=device, generator=gen)
-        noise += recipe.unet_noise_offset * torch.randn((*latents.shape[:2], 1, 1), device=device, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (recipe.unet_batch,), device=device, generator=gen)
+        noise += cycle.noise_offset * torch.randn((*latents.shape[:2], 1, 1), device=device, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cycle.batch,), device=device, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, without a host round-trip
         with autocast(device):
@@ -387,7 +401,7 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
         ema.step(unet.parameters())
         if step % 100 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        if on_checkpoint and (step + 1) % recipe.unet_checkpoint_every == 0 and step + 1 < total:
+        if on_checkpoint and (step + 1) % recipe.unet_checkpoint_every == 0 and step + 1 < starts[-1]:
             ema.store(unet.parameters())
             ema.copy_to(unet.parameters())
             on_checkpoint(unet, scheduler, step + 1)
@@ -511,8 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--only", help="comma-separated stages to retrain from step 0, their saved progress dropped; the others load "
                         "from --out (default: every stage, a finished one kept and an unfinished one resumed)")  # fmt: skip
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="v2",
-                        help="v2: the shipped weights' recipe; v3: a 2x-downsampling VAE and a UNet for its 32x32 latent (not shipped)")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="v3",
+                        help="v3: the shipped weights' recipe (a 2x-downsampling VAE, a UNet for its 32x32 latent); "
+                             "v2: the toy world before stop 20 (a 16x16 latent)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count and data size (smoke runs only)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that render training images")
     return parser
