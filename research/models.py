@@ -105,8 +105,8 @@ def _load_error(base_model: str, local: bool, err: Exception) -> Exception:
 
 
 def vae_downsampling_factor(vae) -> int:
-    """Pixels per latent position along each side (diffusers' `vae_scale_factor`): 2^(blocks-1), so 4 for
-    the toy VAE and 8 for SD 1.5's."""
+    """Pixels per latent position along each side (diffusers' `vae_scale_factor`): 2^(blocks-1), so 2 for
+    the toy VAE (v3) and 8 for SD 1.5's."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 

@@ -200,3 +200,8 @@ def test_the_shipped_weights_are_the_default_recipes_architecture():
     pretrain.make_vae(factor).load_state_dict(shipped_vae().state_dict(), strict=True)
     shipped = UNet2DConditionModel.from_pretrained(SD_DIR, subfolder="unet")
     pretrain.make_unet(shipped.config.cross_attention_dim, factor).load_state_dict(shipped.state_dict(), strict=True)
+
+
+def test_a_recipe_refuses_a_latent_factor_no_model_is_built_for():
+    with pytest.raises(ConfigError, match="latent_factor must be 2"):
+        Recipe(latent_factor=8)

@@ -136,11 +136,10 @@ def test_base_model_probe_samples_every_probed_prompt_with_the_same_seeds(tiny_m
     assert "unknown_middle" in capsys.readouterr().out
 
 
-# Floors a few dB under what the shipped VAE measures (n=8 per family: looks 28.6–37.1 dB, gradient 39.3,
-# held-out hatching 20.0, stipple 14.4, mosaic 17.5, woodcut 16.0) and above the looks-only v1 VAE it
-# replaced (gradient 13.5, hatching 10.8, stipple 10.3, mosaic 12.7, woodcut 12.6): a VAE that only
-# encodes its training looks fails here.
-# ~3 dB under v3's VAE on these 6 images a family (stop 20: 32.5, 39.5, 33.1, 29.2, 24.4, 16.0, 19.8, 38.9, 19.9)
+# Floors ~3 dB under what the shipped (v3) VAE measures on these 6 images a family (stop 20: looks
+# 32.5, 39.5, 33.1, 29.2; held-out hatching 24.4, stipple 16.0, mosaic 19.8; gradient 38.9; woodcut
+# 19.9) and above the looks-only v1 VAE (gradient 13.5, hatching 10.8, stipple 10.3, mosaic 12.7,
+# woodcut 12.6): a VAE that only encodes its training looks fails here.
 PSNR_FLOORS_DB = {"plain": 29.0, "pastel": 35.0, "vivid": 29.0, "comic": 26.0, "hatching_new_periods": 21.0,
                   "stipple": 13.0, "mosaic": 17.0, "gradient": 35.0, "woodcut": 17.0}  # fmt: skip
 

@@ -125,6 +125,10 @@ class Recipe:
     judge_batch: int = 128  # a step of 256 takes 2.6 s on 2 CPU cores; 128 keeps the stage under 45 min there
     judge_ink_fraction: float = 0.3  # share of its scenes under ink: content scored on them, style not
 
+    def __post_init__(self):
+        if self.latent_factor not in (2, 4):
+            raise ConfigError(f"latent_factor must be 2 (v3) or 4 (v2), not {self.latent_factor}")
+
     def scaled(self, scale: float) -> "Recipe":
         out = replace(self)  # floats (rates, fractions) kept as they are
         for name, value in vars(self).items():
@@ -280,13 +284,11 @@ def text_encoder_from_clip(clip):
 
 
 # ----------------------------------------------------------------------------- VAE
-def make_vae(factor: int = 4):
+def make_vae(factor: int):
     """An `AutoencoderKL` that downsamples 64 px by `factor`. 4 (v2): three levels, attention in the
     mid-block. 2 (v3): two levels and no mid-block attention, which at a 32×32 latent would cost more
     than the rest of the VAE on a CPU. v2's latent kept 0–2 dB more than a blurred copy of any texture,
     and woodcut's lines (period ~6 px, 1.5 latent pixels at 4×) came back from adapters faint."""
-    if factor not in (2, 4):
-        raise ConfigError(f"latent_factor must be 2 or 4, not {factor}")
     blocks = (32, 64, 64) if factor == 4 else (32, 64)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, block_out_channels=blocks,
@@ -322,7 +324,7 @@ def train_vae(recipe: Recipe, device, workers: int, state: StageState):
 
 
 # ----------------------------------------------------------------------------- UNet
-def make_unet(cross_attention_dim: int, factor: int = 4):
+def make_unet(cross_attention_dim: int, factor: int):
     """Three cross-attention levels (32, 64, 128 channels) for a 16×16 latent (factor 4, v2); for the 32×32
     latent of factor 2 (v3), a first level without attention in front of them, as SDXL's UNet leaves
     its finest level without it."""
