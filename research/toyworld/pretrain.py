@@ -19,7 +19,8 @@ in cycles (`Recipe.unet_cycles`, `restart_cycle`), each from the last one's EMA 
 v3 (stop 20, the default `--recipe`) halves v2's latent downsampling: the VAE codes 64 px as 32×32×4
 and the UNet gains a first level at 32×32 (make_vae, make_unet). v2's 16×16×4 latent kept little more
 than a blurred copy of fine textures, and a woodcut adapter on it drew its lines faint (its detector fired on 55.9% of
-256 images, v3's 92.2%: README "Toy world v3").
+256 images, v3's 92.2%, one training run each; across training seeds v3's woodcut LoRA ranges from 30% to
+94%: README "Toy world v3" and "Retuned for v3").
 
 How long it takes (measured for the shipped weights, 2026-11-27):
 - H100 (`--device cuda`): VAE 5,000 steps of 128 in 127 s (22 ms a step); UNet ~9 steps/s at batch
