@@ -205,3 +205,27 @@ def test_the_shipped_weights_are_the_default_recipes_architecture():
 def test_a_recipe_refuses_a_latent_factor_no_model_is_built_for():
     with pytest.raises(ConfigError, match="latent_factor must be 2"):
         Recipe(latent_factor=8)
+
+
+def test_bf16_runs_where_it_pays_and_a_saved_state_remembers_it(tmp_path, monkeypatch):
+    """GPU: the VAE and UNet under bf16 autocast. A CPU with native bf16: the VAE and the oracle's trunks,
+    not the UNet or CLIP (slower there). A CPU without: nothing. A state saved under one is not
+    continued under the other."""
+    assert pretrain.bf16_stages(torch.device("cuda")) == ("vae", "unet")
+    x, conv = torch.randn(1, 3, 8, 8), torch.nn.Conv2d(3, 4, 3)
+
+    def precision(stage):
+        with pretrain.autocast(CPU, stage):
+            return conv(x).dtype
+
+    monkeypatch.setattr(pretrain, "cpu_has_bf16", lambda: True)
+    assert {s: precision(s) for s in STAGES} == {"clip": torch.float32, "vae": torch.bfloat16, "unet": torch.float32,
+                                                 "oracle": torch.bfloat16, "judge": torch.bfloat16}  # fmt: skip
+    run = lambda: pretrain.Run(pretrain.parse_args(["--out", str(tmp_path), "--device", "cpu"]), tiny_recipe(), CPU, None, {})  # noqa: E731
+    state = StageState(state_file(tmp_path, "vae"), run().fingerprint)
+    state.step = 3
+    state.save()
+    monkeypatch.setattr(pretrain, "cpu_has_bf16", lambda: False)
+    assert {precision(s) for s in STAGES} == {torch.float32}
+    with pytest.raises(ResumeError, match=r"bf16 \['vae', 'oracle', 'judge'\] -> \[\]"):
+        pretrain.plan_stages(run())

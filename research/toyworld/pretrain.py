@@ -30,6 +30,9 @@ How long it takes (measured for the shipped weights, 2026-11-27):
   (cycles 1-3, ~2.8 h), 1.6 steps/s at batch 32 (cycle 4, 1,500 steps in 17 min, OMP_NUM_THREADS=2);
   from v2's runs: CLIP ~1 s/step (~35 min), oracle ~1 s/step (~55 min), judge 2,000 steps of 128 in
   2,667 s (44 min).
+- Since stop 23 a CPU with native bf16 (AMX) trains the VAE and the oracle's trunks under bf16 autocast
+  (bf16_stages): on 2 cores of such a Xeon a VAE step of 32 took 1.48 s in fp32 and 0.88 s in bf16, an
+  oracle step of 128 0.78 s and 0.43 s, with the same quality (README, "Toward a CPU rebuild").
 Shipped weights: CLIP from v2's H100 run; the VAE and UNet cycles 1-2 from one H100 lease; cycle 3 run
 alone from cycles 1-2's weights on a second lease, whose time ran out at step 2,238 (its step-2,000
 checkpoint is exactly a 2,000-step cycle: constant rate after warm-up, and a checkpoint holds the EMA
@@ -214,9 +217,29 @@ def take_step(opt, loss: torch.Tensor, step: int, bar, digits: int = 4) -> None:
         bar.set_postfix(loss=f"{loss.item():.{digits}f}")
 
 
-def autocast(device: torch.device):
-    # bf16 matmuls/convs on GPU (weights and optimizer stay fp32); CPU bf16 is slower, so fp32 there.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+# The stages that run their forward passes under bf16 autocast (weights, optimizer and loss stay fp32).
+# On a GPU the VAE and UNet, as the shipped weights were trained. On a CPU only where it pays: the
+# conv-heavy VAE and oracle trunks, and only on a CPU with native bf16 (AMX or AVX512-BF16; elsewhere
+# bf16 is emulated and slower). Measured on 2 cores of such a Xeon, seconds a training step, fp32 → bf16
+# (stop 23): VAE step of 128 12.3 → 4.7, oracle step of 256 3.1 → 0.94; the UNet (a step of 128 2.7 → 3.8)
+# and CLIP (a step of 512 2.6 → 4.1) are slower in bf16 there and stay fp32.
+GPU_BF16 = ("vae", "unet")
+CPU_BF16 = ("vae", "oracle", "judge")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's check: AMX or AVX512-BF16) rather than emulating it."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def bf16_stages(device: torch.device) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return GPU_BF16
+    return CPU_BF16 if cpu_has_bf16() else ()
+
+
+def autocast(device: torch.device, stage: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=stage in bf16_stages(device))
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -310,7 +333,7 @@ def train_vae(recipe: Recipe, device, workers: int, state: StageState):
     for step, bar in cosine_steps(opt, recipe.vae_lr, recipe.vae_steps, 200, "vae", state):
         idx = torch.randint(len(pixels), (recipe.vae_batch,), device=device, generator=gen)
         x = pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
-        with autocast(device):
+        with autocast(device, "vae"):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=gen)).sample.float()
         # L1 keeps edges, outlines and halftone dots sharper than MSE alone would.
@@ -394,7 +417,7 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cycle.batch,), device=device, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, without a host round-trip
-        with autocast(device):
+        with autocast(device, "unet"):
             pred = unet(noisy, t, cond).sample
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
@@ -502,8 +525,9 @@ def train_oracle(recipe: Recipe, vae, device, workers: int, state: StageState, s
     oracle.train()
     for step, bar in cosine_steps(opt, recipe.oracle_lr, steps, 100, "judge" if ink_fraction else "oracle", state):
         idx = torch.randint(len(pixels), (batch,), device=device, generator=gen)
-        logits = oracle(_augment(pixels[idx], gen))
-        loss = sum(F.cross_entropy(logits[h], targets[h][idx]) for h in HEADS)
+        with autocast(device, "judge" if ink_fraction else "oracle"):
+            logits = oracle(_augment(pixels[idx], gen))
+        loss = sum(F.cross_entropy(logits[h].float(), targets[h][idx]) for h in HEADS)
         take_step(opt, loss, step, bar)
     return oracle.eval()
 
@@ -568,7 +592,10 @@ class Run:
     def fingerprint(self) -> dict:
         """What a saved state must match to be continued, and what a finished stage records."""
         # through JSON, so a tuple reads back equal from a saved state's or a done file's list
-        return json.loads(json.dumps({"recipe": asdict(self.recipe), "device": self.device.type}))
+        # bf16: a CPU with native bf16 trains some stages in it (bf16_stages), so a state saved there is not
+        # continued on a CPU without, nor the reverse
+        saved = {"recipe": asdict(self.recipe), "device": self.device.type, "bf16": list(bf16_stages(self.device))}
+        return json.loads(json.dumps(saved))
 
     def training(self, stage: str) -> bool:
         return self.plan[stage][0]
