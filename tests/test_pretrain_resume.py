@@ -5,6 +5,7 @@ settings is refused before anything trains."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -162,11 +163,14 @@ def test_a_killed_run_resumes_where_it_stopped_unless_the_settings_changed(tiny_
     assert all(done_file(tmp_path, s).is_file() for s in STAGES)
 
 
-def test_only_starts_a_stage_over_and_a_damaged_state_is_refused(tmp_path):
-    def run(*flags):
-        args = pretrain.parse_args(["--out", str(tmp_path), "--device", "cpu", *flags])
-        return pretrain.Run(args, tiny_recipe(), CPU, None, {})
+def cpu_run(out, *flags) -> pretrain.Run:
+    """What `pretrain` on the CPU would run with these flags and the tiny recipe, before anything trains."""
+    args = pretrain.parse_args(["--out", str(out), "--device", "cpu", *flags])
+    return pretrain.Run(args, tiny_recipe(), CPU, None, {})
 
+
+def test_only_starts_a_stage_over_and_a_damaged_state_is_refused(tmp_path):
+    run = functools.partial(cpu_run, tmp_path)
     state = StageState(state_file(tmp_path, "clip"), run().fingerprint)
     state.step = 5
     state.save()
@@ -221,11 +225,10 @@ def test_bf16_runs_where_it_pays_and_a_saved_state_remembers_it(tmp_path, monkey
     monkeypatch.setattr(pretrain, "cpu_has_bf16", lambda: True)
     assert {s: precision(s) for s in STAGES} == {"clip": torch.float32, "vae": torch.bfloat16, "unet": torch.float32,
                                                  "oracle": torch.bfloat16, "judge": torch.bfloat16}  # fmt: skip
-    run = lambda: pretrain.Run(pretrain.parse_args(["--out", str(tmp_path), "--device", "cpu"]), tiny_recipe(), CPU, None, {})  # noqa: E731
-    state = StageState(state_file(tmp_path, "vae"), run().fingerprint)
+    state = StageState(state_file(tmp_path, "vae"), cpu_run(tmp_path).fingerprint)
     state.step = 3
     state.save()
     monkeypatch.setattr(pretrain, "cpu_has_bf16", lambda: False)
     assert {precision(s) for s in STAGES} == {torch.float32}
     with pytest.raises(ResumeError, match=r"bf16 \['vae', 'oracle', 'judge'\] -> \[\]"):
-        pretrain.plan_stages(run())
+        pretrain.plan_stages(cpu_run(tmp_path))

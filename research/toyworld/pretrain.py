@@ -47,6 +47,7 @@ Judge a rebuilt base model with `python -m research.toyworld.check --sd <out>/sd
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -227,6 +228,7 @@ GPU_BF16 = ("vae", "unet")
 CPU_BF16 = ("vae", "oracle", "judge")
 
 
+@functools.cache  # asked before every training step; the answer cannot change while the process runs
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (oneDNN's check: AMX or AVX512-BF16) rather than emulating it."""
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -523,9 +525,10 @@ def train_oracle(recipe: Recipe, vae, device, workers: int, state: StageState, s
     gen = torch.Generator(device).manual_seed(4)
     state.resume(oracle=oracle, opt=opt, gen=gen)
     oracle.train()
-    for step, bar in cosine_steps(opt, recipe.oracle_lr, steps, 100, "judge" if ink_fraction else "oracle", state):
+    stage = "judge" if ink_fraction else "oracle"
+    for step, bar in cosine_steps(opt, recipe.oracle_lr, steps, 100, stage, state):
         idx = torch.randint(len(pixels), (batch,), device=device, generator=gen)
-        with autocast(device, "judge" if ink_fraction else "oracle"):
+        with autocast(device, stage):
             logits = oracle(_augment(pixels[idx], gen))
         loss = sum(F.cross_entropy(logits[h].float(), targets[h][idx]) for h in HEADS)
         take_step(opt, loss, step, bar)
