@@ -22,11 +22,11 @@ from research.toyworld.tokenizer import build_tokenizer
 CPU = torch.device("cpu")
 
 
-def tiny_recipe() -> Recipe:
-    """The real recipe at its smallest scale (8 steps, a few dozen images), with batches a test can afford."""
-    recipe = Recipe().scaled(0.001)
+def tiny_recipe(name: str = "v3") -> Recipe:
+    """A real recipe at its smallest scale (8 steps, a few dozen images), with batches a test can afford."""
+    recipe = pretrain.RECIPES[name].scaled(0.001)
     cycles = tuple(dataclasses.replace(c, batch=4) for c in recipe.unet_cycles)
-    return dataclasses.replace(recipe, clip_batch=8, vae_batch=2, unet_cycles=cycles, oracle_batch=8, judge_batch=8)
+    return dataclasses.replace(recipe, clip_batch=8, vae_batch=2, vae_crop_batch=2, unet_cycles=cycles, oracle_batch=8, judge_batch=8)
 
 
 def shipped_vae():
@@ -72,7 +72,9 @@ def record_steps(monkeypatch) -> list[int]:
 
 
 def total_steps(recipe: Recipe, stage: str) -> int:
-    return sum(c.steps for c in recipe.unet_cycles) if stage == "unet" else getattr(recipe, f"{stage}_steps")
+    if stage == "unet":
+        return sum(c.steps for c in recipe.unet_cycles)
+    return getattr(recipe, f"{stage}_steps") + (recipe.vae_crop_steps if stage == "vae" else 0)
 
 
 def same_weights(a: dict, b: dict) -> list[str]:
@@ -80,10 +82,11 @@ def same_weights(a: dict, b: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
 
 
-# The UNet is also stopped in its second cycle (each has 8 steps at this scale): after the restart.
-@pytest.mark.parametrize(("stage", "stop"), [(s, 3) for s in STAGES] + [("unet", 11)])
-def test_a_stopped_stage_resumes_bit_for_bit(stage, stop, tmp_path, monkeypatch):
-    recipe, train = tiny_recipe(), TRAINERS[stage]
+# The UNet is also stopped in its second cycle (each has 8 steps at this scale): after the restart. The cpu
+# recipe's VAE (8 steps on crops, then 8 on whole images at this scale) is stopped in each phase.
+@pytest.mark.parametrize(("stage", "stop", "name"), [(s, 3, "v3") for s in STAGES] + [("unet", 11, "v3"), ("vae", 3, "cpu"), ("vae", 11, "cpu")])
+def test_a_stopped_stage_resumes_bit_for_bit(stage, stop, name, tmp_path, monkeypatch):
+    recipe, train = tiny_recipe(name), TRAINERS[stage]
     whole = train(recipe, StageState()).state_dict()  # uninterrupted, never saved
     path = tmp_path / f"{stage}.pt"
     with monkeypatch.context() as m:
@@ -194,8 +197,7 @@ def test_each_recipes_models_fit_its_latent(factor):
         assert latent.shape == (1, 4, 64 // factor, 64 // factor)
         assert unet(latent, 999, torch.zeros(1, 5, 32)).sample.shape == latent.shape
     assert unet.config.sample_size == 64 // factor
-    recipes = {name: pretrain.RECIPES[name].latent_factor for name in ("v2", "v3")}
-    assert recipes == {"v2": 4, "v3": 2}
+    assert {name: recipe.latent_factor for name, recipe in pretrain.RECIPES.items()} == {"v2": 4, "v3": 2, "cpu": 2}
 
 
 def test_the_shipped_weights_are_the_default_recipes_architecture():
@@ -209,6 +211,47 @@ def test_the_shipped_weights_are_the_default_recipes_architecture():
 def test_a_recipe_refuses_a_latent_factor_no_model_is_built_for():
     with pytest.raises(ConfigError, match="latent_factor must be 2"):
         Recipe(latent_factor=8)
+    with pytest.raises(ConfigError, match=r"vae_crop_size must be a multiple of latent_factor \(2\)"):
+        Recipe(vae_crop_size=31)
+
+
+def test_the_cpu_recipes_vae_sees_crops_first_then_whole_images(monkeypatch):
+    recipe = tiny_recipe("cpu")
+    assert (recipe.vae_crop_steps, recipe.vae_steps, recipe.vae_crop_size) == (8, 8, 32)
+    sizes = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x: sizes.append(tuple(x.shape)) or encode(self, x))
+    train_vae(recipe, CPU, 1, StageState())
+    # then the scaling factor is measured on whole images, in batches of 256
+    assert sizes[:16] == [(2, 3, 32, 32)] * 8 + [(2, 3, 64, 64)] * 8 and {s[2:] for s in sizes[16:]} == {(64, 64)}
+
+
+def test_random_crops_are_windows_of_the_images_anywhere_in_them():
+    n, height, width, size = 3, 10, 12, 4
+    pixels = torch.arange(n * height * width).view(n, height, width, 1)  # each pixel holds its own index
+    crops = pretrain.random_crops(pixels, 400, size, torch.Generator().manual_seed(0))
+    assert crops.shape == (400, size, size, 1)
+    corners = set()
+    for crop in crops:
+        i, rest = divmod(int(crop[0, 0, 0]), height * width)
+        top, left = divmod(rest, width)
+        assert torch.equal(crop, pixels[i, top : top + size, left : left + size])
+        corners.add((i, top, left))
+    images, tops, lefts = (set(c) for c in zip(*corners))  # every image, and every place a window fits, drawn
+    assert (images, tops, lefts) == (set(range(n)), set(range(height - size + 1)), set(range(width - size + 1)))
+
+
+def test_a_stages_seconds_add_up_across_the_runs_it_took(tmp_path, monkeypatch):
+    # the clock's readings in turn: a run starts, resumes nothing, saves after 30 s; a second run starts
+    # later, resumes that save and has run 20 s when asked
+    clock = iter([100.0, 100.0, 130.0, 130.0, 500.0, 500.0, 520.0]).__next__
+    monkeypatch.setattr("research.toyworld.pretrain_state.time.monotonic", clock)
+    first = StageState(tmp_path / "vae.pt")
+    first.resume()
+    first.save()
+    again = StageState(tmp_path / "vae.pt")
+    again.resume()
+    assert again.seconds == 50.0
 
 
 def test_bf16_runs_where_it_pays_and_a_saved_state_remembers_it(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """Pretrain the toy world from scratch: tiny CLIP, then VAE, then UNet (plain scenes only), then the
 oracle's two trunks (`oracle`: style, on clean renders; `judge`: content, with scenes under ink lines too).
 
-    python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle,judge] [--recipe v2]
+    python -m research.toyworld.pretrain --out research/toyworld/weights [--device cuda] [--only clip,vae,unet,oracle,judge] [--recipe cpu|v2]
 
 Every stage draws its data from fixed seeds, so a rerun on the same device repeats the result
 (CUDA kernels and thread counts may change the last digits). Each output folder is written to a
@@ -52,7 +52,6 @@ import json
 import math
 import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -104,6 +103,13 @@ class Recipe:
     latent_factor: int = 2  # the VAE's downsampling: 2, a 32×32×4 latent for 64 px (v3); v2's 4 (16×16×4) drew woodcut faint
     vae_steps: int = 5_000  # v2's 4× VAE: 10,000; v1's 3,000 looks-only steps left hatching at ~11 dB
     vae_batch: int = 128
+    # Crops first (recipe "cpu"): vae_crop_steps on random crops, then vae_steps on whole images, one cosine
+    # schedule over both. A step on 64 crops of 32×32 costs a fifth of one on 64 whole images on a CPU, and the
+    # whole-image steps after them let GroupNorm, which normalises over the whole image, meet whole-image
+    # statistics again (README, "A finer latent on a CPU").
+    vae_crop_steps: int = 0
+    vae_crop_batch: int = 64
+    vae_crop_size: int = 32
     vae_lr: float = 5e-4
     vae_kl_weight: float = 1e-6  # SD's VAE uses a tiny KL term: latents stay near-deterministic but bounded
     vae_texture_fraction: float = 0.5  # the rest are the four looks: textures make the VAE encode looks it never saw
@@ -133,11 +139,13 @@ class Recipe:
     def __post_init__(self):
         if self.latent_factor not in (2, 4):
             raise ConfigError(f"latent_factor must be 2 (v3) or 4 (v2), not {self.latent_factor}")
+        if not (0 < self.vae_crop_size <= 64 and self.vae_crop_size % self.latent_factor == 0):
+            raise ConfigError(f"vae_crop_size must be a multiple of latent_factor ({self.latent_factor}) up to 64, not {self.vae_crop_size}")
 
     def scaled(self, scale: float) -> "Recipe":
         out = replace(self)  # floats (rates, fractions) kept as they are
         for name, value in vars(self).items():
-            if isinstance(value, int) and value and not name.endswith(("batch", "variants", "factor")):
+            if isinstance(value, int) and value and not name.endswith(("batch", "variants", "factor", "size")):
                 setattr(out, name, max(8, int(value * scale)))
         out.unet_cycles = tuple(replace(c, steps=max(8, int(c.steps * scale))) for c in self.unet_cycles)
         return out
@@ -149,6 +157,12 @@ class Recipe:
 RECIPES = {
     "v3": Recipe(),
     "v2": Recipe(latent_factor=4, vae_steps=10_000, unet_cycles=(Cycle(5_000, 32), Cycle(2_000, 32))),
+    # cpu: v3's models, trained in what 2 CPU cores can afford (stops 19, 23): the VAE on crops first, then whole
+    # images (stop 19's run: 5,640 steps of 64 crops, then 1,280 of 32 whole images); the UNet in one cycle
+    # of batch 32 with offset noise 0.3 from step 0 (4,800 steps: 58 min, as good a base on the check as v3's);
+    # the oracle's style trunk for 1,200 steps of 128 (400 already call every fresh render's look right).
+    "cpu": Recipe(vae_images=12_000, vae_crop_steps=5_640, vae_steps=1_280, vae_batch=32,
+                  unet_cycles=(Cycle(4_800, 32, 0.3),), oracle_steps=1_200, oracle_batch=128),
 }  # fmt: skip
 
 
@@ -323,6 +337,15 @@ def make_vae(factor: int):
     )  # fmt: skip
 
 
+def random_crops(pixels: torch.Tensor, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    """n size×size crops (n×size×size×3), each of a random image at a random place, from N×H×W×3 pixels."""
+    idx, top, left = (torch.randint(high, (n,), device=pixels.device, generator=gen)
+                      for high in (len(pixels), pixels.shape[1] - size + 1, pixels.shape[2] - size + 1))  # fmt: skip
+    span = torch.arange(size, device=pixels.device)
+    rows, cols = (top[:, None] + span)[:, :, None], (left[:, None] + span)[:, None, :]  # n×size×1 and n×1×size
+    return pixels[idx[:, None, None], rows, cols]
+
+
 def train_vae(recipe: Recipe, device, workers: int, state: StageState):
     torch.manual_seed(2)
     vae = make_vae(recipe.latent_factor).to(device)
@@ -332,9 +355,12 @@ def train_vae(recipe: Recipe, device, workers: int, state: StageState):
     opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
     gen = torch.Generator(device).manual_seed(2)
     state.resume(vae=vae, opt=opt, gen=gen)
-    for step, bar in cosine_steps(opt, recipe.vae_lr, recipe.vae_steps, 200, "vae", state):
-        idx = torch.randint(len(pixels), (recipe.vae_batch,), device=device, generator=gen)
-        x = pixels[idx].permute(0, 3, 1, 2).float() / 127.5 - 1
+    for step, bar in cosine_steps(opt, recipe.vae_lr, recipe.vae_crop_steps + recipe.vae_steps, 200, "vae", state):
+        if step < recipe.vae_crop_steps:
+            x = random_crops(pixels, recipe.vae_crop_batch, recipe.vae_crop_size, gen)
+        else:
+            x = pixels[torch.randint(len(pixels), (recipe.vae_batch,), device=device, generator=gen)]
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1
         with autocast(device, "vae"):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=gen)).sample.float()
@@ -557,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "from --out (default: every stage, a finished one kept and an unfinished one resumed)")  # fmt: skip
     parser.add_argument("--recipe", choices=sorted(RECIPES), default="v3",
                         help="v3: the shipped weights' recipe (a 2x-downsampling VAE, a UNet for its 32x32 latent); "
+                             "cpu: v3's models in step counts 2 CPU cores can afford (a VAE on crops first, one UNet cycle); "
                              "v2: the toy world before stop 20 (a 16x16 latent)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every step count and data size (smoke runs only)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that render training images")
@@ -584,7 +611,8 @@ class Run:
     recipe: Recipe
     device: torch.device
     tokenizer: object
-    times: dict  # stage -> seconds, for the stages this run trained
+    times: dict  # stage -> seconds (with those of the runs it resumed), for the stages this run trained
+    states: dict = field(default_factory=dict)  # stage -> its StageState, for the stages this run trained
     plan: dict = field(default_factory=dict)  # stage -> (trains this run, what the run does with it): plan_stages
 
     @property
@@ -606,11 +634,12 @@ class Run:
     def state(self, stage: str) -> StageState:
         """The stage's training state, from step 0 under --only, else from wherever an earlier run stopped."""
         begin(self.out, stage, from_start=self.args.only is not None)
-        return StageState(state_file(self.out, stage), self.fingerprint)
+        self.states[stage] = StageState(state_file(self.out, stage), self.fingerprint)
+        return self.states[stage]
 
-    def finish(self, stage: str, t0: float) -> None:
-        """The stage's output is in place: record it as finished."""
-        self.times[stage] = time.time() - t0
+    def finish(self, stage: str) -> None:
+        """The stage's output is in place: record it as finished, with its seconds across every run it took."""
+        self.times[stage] = self.states[stage].seconds
         mark_finished(self.out, stage, self.fingerprint, self.times[stage])
 
 
@@ -640,26 +669,23 @@ def clip_stage(r: Run):
     """The tiny CLIP: trained and saved, or loaded from --out."""
     if not r.training("clip"):
         return CLIPModel.from_pretrained(r.out / "clip")
-    t0 = time.time()
     clip = train_clip(r.recipe, r.tokenizer, r.device, r.args.workers, r.state("clip")).cpu()
     replace_folder(r.out / "clip", lambda p: save_clip(clip, r.tokenizer, p))
-    r.finish("clip", t0)
+    r.finish("clip")
     return clip
 
 
 def vae_stage(r: Run):
     if not r.training("vae"):
         return AutoencoderKL.from_pretrained(r.out / "sd", subfolder="vae")
-    t0 = time.time()
     vae = train_vae(r.recipe, r.device, r.args.workers, r.state("vae")).cpu()
     replace_folder(r.out / "sd" / "vae", vae.save_pretrained)  # kept on its own too, should a later stage fail
-    r.finish("vae", t0)
+    r.finish("vae")
     return vae
 
 
 def sd_stage(r: Run, vae, text_encoder) -> None:
     """The UNet (checkpointed into --out/sd as it trains), then the whole SD folder with today's parts."""
-    t0 = time.time()
     if r.training("unet"):
         def checkpoint(unet, scheduler, step):
             replace_folder(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
@@ -674,19 +700,18 @@ def sd_stage(r: Run, vae, text_encoder) -> None:
         return
     replace_folder(r.out / "sd", lambda p: save_sd(vae, text_encoder, r.tokenizer, unet, scheduler, p))
     if r.training("unet"):
-        r.finish("unet", t0)
+        r.finish("unet")
 
 
 def oracle_stage(r: Run, vae) -> None:
     """The style trunk and head, on clean renders; a content trunk already in --out/oracle is kept."""
     if not r.training("oracle"):
         return
-    t0 = time.time()
     oracle = train_oracle(r.recipe, vae, r.device, r.args.workers, r.state("oracle"), r.recipe.oracle_steps, r.recipe.oracle_batch).cpu()
     if (r.out / "oracle").is_dir() and (old := Oracle.from_pretrained(r.out / "oracle")).content_width:
         oracle = Oracle.joined(oracle, old)
     replace_folder(r.out / "oracle", oracle.save_pretrained)
-    r.finish("oracle", t0)
+    r.finish("oracle")
     print("oracle accuracy on fresh renders:", oracle_accuracy(oracle))
 
 
@@ -694,12 +719,11 @@ def judge_stage(r: Run, vae) -> None:
     """The content trunk and heads (scenes under ink as well), joined to the style part in --out/oracle."""
     if not r.training("judge"):
         return
-    t0 = time.time()
     rec = r.recipe
     judge = train_oracle(rec, vae, r.device, r.args.workers, r.state("judge"), rec.judge_steps, rec.judge_batch, rec.judge_ink_fraction)
     oracle = Oracle.joined(Oracle.from_pretrained(r.out / "oracle"), judge.cpu())
     replace_folder(r.out / "oracle", oracle.save_pretrained)
-    r.finish("judge", t0)
+    r.finish("judge")
     print("oracle accuracy on fresh renders, with the content trunk:", oracle_accuracy(oracle))
 
 

@@ -6,7 +6,7 @@ every object it is handed (model, EMA, optimizer, the torch.Generator that draws
 and torch's global RNG, written to a temporary file and renamed into place. A rerun loads it and goes
 on as if never stopped: bit for bit on the CPU, since the data are re-rendered from fixed seeds and a
 save reads the RNGs without drawing from them. A finished stage leaves `<stage>.done.json` (what
-it was trained with, how long it took) and its state file is removed.
+it was trained with, how long it took across runs) and its state file is removed.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class StageState:
         self.every_s = SAVE_EVERY_S if every_s is None else every_s
         self.objects: dict = {}
         self.step = 0
-        self.last_save = time.monotonic()
+        self.started = self.last_save = time.monotonic()
+        self.earlier_s = 0.0  # seconds the stage ran in the runs before this one, up to each one's last save
 
     def resume(self, **objects) -> None:
         """Call after everything that draws from an RNG before the loop, right before it."""
@@ -112,6 +113,7 @@ class StageState:
             if saved["cuda_rng"] is not None:
                 torch.cuda.set_rng_state_all(saved["cuda_rng"])
             self.step = saved["step"]
+            self.earlier_s = saved.get("seconds", 0.0)  # states saved before stop 24 did not record it
         self.last_save = time.monotonic()
 
     def steps(self, total: int, desc: str):
@@ -122,9 +124,14 @@ class StageState:
             if self.path is not None and self.step < total and time.monotonic() - self.last_save >= self.every_s:
                 self.save()
 
+    @property
+    def seconds(self) -> float:
+        """How long the stage has run so far, the runs it resumed included (time lost after their last save is not)."""
+        return self.earlier_s + time.monotonic() - self.started
+
     def save(self) -> None:
         state = {
-            "step": self.step, "fingerprint": self.fingerprint, "torch_rng": torch.get_rng_state(),
+            "step": self.step, "fingerprint": self.fingerprint, "seconds": self.seconds, "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
             "objects": {name: _state_of(obj) for name, obj in self.objects.items()},
         }  # fmt: skip
