@@ -33,8 +33,10 @@ How long it takes (measured for the shipped weights, 2026-11-27):
 - Since stop 23 a CPU with native bf16 (AMX) trains the VAE and the oracle's trunks under bf16 autocast
   (bf16_stages): on 2 cores of such a Xeon a VAE step of 32 took 1.48 s in fp32 and 0.88 s in bf16, an
   oracle step of 128 0.78 s and 0.43 s, with the same quality (README, "Toward a CPU rebuild").
-- `--recipe cpu` on 2 cores of that Xeon (stop 24, each with its data rendering): CLIP 2,872 s, VAE
-  (crops first) 3,366 s, UNet ~1.47 steps/s (~54 min); the oracle's trunks not yet run.
+- `--recipe cpu` on 2 cores of that Xeon (each with its data rendering): CLIP 2,872 s (stop 24), VAE
+  (crops first) 3,366 s and 3,667 s (stops 24, 25), UNet 3,125 s (stop 25); the oracle's trunks not yet
+  run (~30 min from their loop rates), ~3.2 h in all. Its LoRAs miss their targets (README), so it does
+  not make the shipped weights.
 Shipped weights: CLIP from v2's H100 run; the VAE and UNet cycles 1-2 from one H100 lease; cycle 3 run
 alone from cycles 1-2's weights on a second lease, whose time ran out at step 2,238 (its step-2,000
 checkpoint is exactly a 2,000-step cycle: constant rate after warm-up, and a checkpoint holds the EMA
