@@ -9,6 +9,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -82,9 +83,10 @@ def same_weights(a: dict, b: dict) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
 
 
-# The UNet is also stopped in its second cycle (each has 8 steps at this scale): after the restart. The cpu
-# recipe's VAE (8 steps on crops, then 8 on whole images at this scale) is stopped in each phase.
-@pytest.mark.parametrize(("stage", "stop", "name"), [(s, 3, "v3") for s in STAGES] + [("unet", 11, "v3"), ("vae", 3, "cpu"), ("vae", 11, "cpu")])
+# The UNet is also stopped in its second cycle (each has 8 steps at this scale): after the restart, and under
+# the cpu recipe's min-SNR loss. The cpu recipe's VAE (8 steps on crops, then 8 on whole images at this
+# scale) is stopped in each phase.
+@pytest.mark.parametrize(("stage", "stop", "name"), [(s, 3, "v3") for s in STAGES] + [("unet", 11, "v3"), ("unet", 3, "cpu"), ("vae", 3, "cpu"), ("vae", 11, "cpu")])
 def test_a_stopped_stage_resumes_bit_for_bit(stage, stop, name, tmp_path, monkeypatch):
     recipe, train = tiny_recipe(name), TRAINERS[stage]
     whole = train(recipe, StageState()).state_dict()  # uninterrupted, never saved
@@ -275,3 +277,17 @@ def test_bf16_runs_where_it_pays_and_a_saved_state_remembers_it(tmp_path, monkey
     assert {precision(s) for s in STAGES} == {torch.float32}
     with pytest.raises(ResumeError, match=r"bf16 \['vae', 'oracle', 'judge'\] -> \[\]"):
         pretrain.plan_stages(cpu_run(tmp_path))
+
+
+def test_min_snr_weighting_discounts_only_the_low_noise_timesteps():
+    """Recipe.unet_snr_gamma: each example's MSE counts min(SNR, γ) / SNR; 0 keeps v3's plain MSE."""
+    scheduler = pretrain.make_scheduler()
+    t = torch.tensor([0, 500, 999])  # SNR ~1175, ~0.38, ~0.005 under SD's schedule
+    noise = torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1).expand(3, 4, 2, 2)
+    pred = torch.zeros_like(noise)  # so each example's MSE is 1, 4, 9
+    alpha = scheduler.alphas_cumprod[t]
+    snr = alpha / (1 - alpha)
+    assert snr[0] > 5 > snr[1] > snr[2]
+    assert pretrain.unet_loss(pred, noise, t, scheduler, 0.0) == F.mse_loss(pred, noise)
+    expected = (1 * 5 / snr[0] + 4 + 9) / 3
+    assert torch.allclose(pretrain.unet_loss(pred, noise, t, scheduler, 5.0), expected)

@@ -34,9 +34,10 @@ How long it takes (measured for the shipped weights, 2026-11-27):
   (bf16_stages): on 2 cores of such a Xeon a VAE step of 32 took 1.48 s in fp32 and 0.88 s in bf16, an
   oracle step of 128 0.78 s and 0.43 s, with the same quality (README, "Toward a CPU rebuild").
 - `--recipe cpu` on 2 cores of that Xeon (each with its data rendering): CLIP 2,872 s (stop 24), VAE
-  (crops first) 3,366 s and 3,667 s (stops 24, 25), UNet 3,125 s (stop 25); the oracle's trunks not yet
-  run (~30 min from their loop rates), ~3.2 h in all. Its LoRAs miss their targets (README), so it does
-  not make the shipped weights.
+  (crops first) 3,366 s and 3,667 s (stops 24, 25), UNet 3,125 s (stop 25, plain MSE) and 3,822 s (stop
+  26, min-SNR 5, a slower machine); the oracle's trunks not yet run (~30 min from their loop rates),
+  ~3.2-3.4 h in all. With min-SNR its LoRAs meet their targets at the config's seed (README, "Min-SNR in
+  the base's pretraining"); over 3 h and with its oracle untried, it does not make the shipped weights.
 Shipped weights: CLIP from v2's H100 run; the VAE and UNet cycles 1-2 from one H100 lease; cycle 3 run
 alone from cycles 1-2's weights on a second lease, whose time ran out at step 2,238 (its step-2,000
 checkpoint is exactly a 2,000-step cycle: constant rate after warm-up, and a checkpoint holds the EMA
@@ -64,7 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
@@ -127,6 +128,9 @@ class Recipe:
     unet_cycles: tuple[Cycle, ...] = (Cycle(1_700, 128), Cycle(700, 128), Cycle(2_000, 128), Cycle(1_500, 32, 0.3))
     unet_lr: float = 1e-3
     unet_ema: float = 0.999  # sampling quality of tiny diffusion models depends a lot on EMA weights
+    # min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma, kohya's --min_snr_gamma), as the
+    # adapters train with: 0 is v3's plain MSE, which built the shipped UNet
+    unet_snr_gamma: float = 0.0
     unet_checkpoint_every: int = 250  # ship-ready pipeline written this often (long CPU runs can stop early)
     caption_dropout: float = 0.1  # empty caption this often, so classifier-free guidance works
     caption_variants: int = 8  # captions drawn per (scene, style) from captions.py's grammar, tokenised once
@@ -163,10 +167,11 @@ RECIPES = {
     "v2": Recipe(latent_factor=4, vae_steps=10_000, unet_cycles=(Cycle(5_000, 32), Cycle(2_000, 32))),
     # cpu: v3's models, trained in what 2 CPU cores can afford (stops 19, 23): the VAE on crops first, then whole
     # images (stop 19's run: 5,640 steps of 64 crops, then 1,280 of 32 whole images); the UNet in one cycle
-    # of batch 32 with offset noise 0.3 from step 0 (4,800 steps: 58 min, as good a base on the check as v3's);
+    # of batch 32 with offset noise 0.3 from step 0 (4,800 steps: 52-64 min, as good a base on the check as v3's)
+    # and min-SNR 5 (stop 26: without it, LoRAs on that base lost vivid's content and pastel's and woodcut's style);
     # the oracle's style trunk for 1,200 steps of 128 (400 already call every fresh render's look right).
     "cpu": Recipe(vae_images=12_000, vae_crop_steps=5_640, vae_steps=1_280, vae_batch=32,
-                  unet_cycles=(Cycle(4_800, 32, 0.3),), oracle_steps=1_200, oracle_batch=128),
+                  unet_cycles=(Cycle(4_800, 32, 0.3),), unet_snr_gamma=5.0, oracle_steps=1_200, oracle_batch=128),
 }  # fmt: skip
 
 
@@ -451,7 +456,7 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # DDPMScheduler.add_noise, without a host round-trip
         with autocast(device, "unet"):
             pred = unet(noisy, t, cond).sample
-        loss = F.mse_loss(pred.float(), noise)
+        loss = unet_loss(pred.float(), noise, t, scheduler, recipe.unet_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -466,6 +471,16 @@ def train_unet(recipe: Recipe, vae, text_encoder, tokenizer, device, workers: in
             ema.restore(unet.parameters())
     ema.copy_to(unet.parameters())
     return unet.eval(), scheduler
+
+
+def unet_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler, snr_gamma: float) -> torch.Tensor:
+    """The ε-prediction loss: plain MSE (v3, which built the shipped UNet) or, with `snr_gamma`, each
+    example's MSE weighted by min(SNR, γ) / SNR, so that the easy low-noise timesteps count less."""
+    if not snr_gamma:
+        return F.mse_loss(pred, noise)
+    snr = compute_snr(scheduler, t)
+    weight = snr.clamp(max=snr_gamma) / snr
+    return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
 
 def restart_cycle(unet, ema: EMAModel, opt, gen: torch.Generator) -> None:
