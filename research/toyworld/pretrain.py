@@ -35,9 +35,9 @@ How long it takes (measured for the shipped weights, 2026-11-27):
   oracle step of 128 0.78 s and 0.43 s, with the same quality (README, "Toward a CPU rebuild").
 - `--recipe cpu` on 2 cores of that Xeon (each with its data rendering): CLIP 2,872 s (stop 24), VAE
   (crops first) 3,366 s and 3,667 s (stops 24, 25), UNet 3,125 s (stop 25, plain MSE) and 3,822 s (stop
-  26, min-SNR 5, a slower machine); the oracle's trunks not yet run (~30 min from their loop rates),
-  ~3.2-3.4 h in all. With min-SNR its LoRAs meet their targets at the config's seed (README, "Min-SNR in
-  the base's pretraining"); over 3 h and with its oracle untried, it does not make the shipped weights.
+  26, min-SNR 5, a slower machine), the oracle's style trunk 1,008 s (stop 26); the judge not yet run
+  (~17 min from its loop rate), ~3.3-3.5 h in all. With min-SNR its LoRAs meet their targets at the
+  config's seed (README, "Min-SNR in the base's pretraining"); over 3 h, it does not make the shipped weights.
 Shipped weights: CLIP from v2's H100 run; the VAE and UNet cycles 1-2 from one H100 lease; cycle 3 run
 alone from cycles 1-2's weights on a second lease, whose time ran out at step 2,238 (its step-2,000
 checkpoint is exactly a 2,000-step cycle: constant rate after warm-up, and a checkpoint holds the EMA
