@@ -149,6 +149,16 @@ def _lora_dims(layer: torch.nn.Module) -> tuple[int, int]:
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the training loop knows how to target
 
 
+def min_snr_weight(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
+    """Each example's min-SNR-gamma loss weight (Hang et al. 2023): min(SNR, γ) / SNR for ε-prediction,
+    min(SNR, γ) / (SNR + 1) for v-prediction, so the easy high-SNR (low-noise) timesteps count less.
+    Used by the training loop and by the toy world's UNet pretraining."""
+    from diffusers.training_utils import compute_snr  # deferred: diffusers takes seconds to import
+
+    snr = compute_snr(scheduler, timesteps)
+    return torch.clamp(snr, max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+
+
 def make_sampler(pipe, sampler: str, prediction_type: str = ""):
     """Swap the pipeline's sampling scheduler (training always uses DDPM with the same config).
 

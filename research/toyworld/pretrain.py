@@ -65,13 +65,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
 from research.atomic import replace_folder
 from research.cli import user_errors_exit_2
 from research.errors import ConfigError
+from research.models import min_snr_weight
 from research.toyworld.captions import styled_caption
 from research.toyworld.oracle import HEADS, Oracle
 from research.toyworld.pretrain_state import StageState, begin, differences, finished, mark_finished, read_state, state_file
@@ -478,8 +479,7 @@ def unet_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule
     example's MSE weighted by min(SNR, γ) / SNR, so that the easy low-noise timesteps count less."""
     if not snr_gamma:
         return F.mse_loss(pred, noise)
-    snr = compute_snr(scheduler, t)
-    weight = snr.clamp(max=snr_gamma) / snr
+    weight = min_snr_weight(scheduler, t, snr_gamma)
     return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
 

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.loaders import TextualInversionLoaderMixin
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from research.config import TrainConfig
@@ -34,8 +33,8 @@ from research.data import StyleFolder, preprocess, style_folder_for
 from research.errors import ConfigError, TrainingError
 from research.methods import Components, ExtraBatches, config_metadata, encode_images, get_method
 from research.methods.base import vae_latents
-from research.models import (PREDICTION_TYPES, check_lora_targets, check_resolution, load_pipeline, pick_device,
-                             pick_precision, weight_dtype)
+from research.models import (PREDICTION_TYPES, check_lora_targets, check_resolution, load_pipeline, min_snr_weight,
+                             pick_device, pick_precision, weight_dtype)
 from research.training.checkpoints import load_resumable_state, register_trainable_state, save_state, states_to_try
 from research.training.draws import Draws, batch_indices, mix_seeds
 
@@ -270,10 +269,7 @@ def batch_loss(cfg: TrainConfig, prep: Prepared, inputs: Inputs, opt: Optimizati
                                                                                   batch.timesteps)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if cfg.snr_gamma:
-        # min-SNR-gamma: cap the weight of easy (high-SNR) timesteps
-        snr = compute_snr(sched, batch.timesteps)
-        weight = torch.clamp(snr, max=cfg.snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
-        loss = loss * weight
+        loss = loss * min_snr_weight(sched, batch.timesteps, cfg.snr_gamma, prediction_type)
     if inputs.extra is None:
         return loss.mean()
     return loss[:batch.size].mean() + inputs.extra.weight * loss[batch.size:].mean()
