@@ -33,11 +33,11 @@ How long it takes (measured for the shipped weights, 2026-11-27):
 - Since stop 23 a CPU with native bf16 (AMX) trains the VAE and the oracle's trunks under bf16 autocast
   (bf16_stages): on 2 cores of such a Xeon a VAE step of 32 took 1.48 s in fp32 and 0.88 s in bf16, an
   oracle step of 128 0.78 s and 0.43 s, with the same quality (README, "Toward a CPU rebuild").
-- `--recipe cpu` on 2 cores of that Xeon (each with its data rendering): CLIP 2,872 s (stop 24), VAE
-  (crops first) 3,366 s and 3,667 s (stops 24, 25), UNet 3,125 s (stop 25, plain MSE) and 3,822 s (stop
-  26, min-SNR 5, a slower machine), the oracle's style trunk 1,008 s (stop 26); the judge not yet run
-  (~17 min from its loop rate), ~3.3-3.5 h in all. With min-SNR its LoRAs meet their targets at the
-  config's seed (README, "Min-SNR in the base's pretraining"); over 3 h, it does not make the shipped weights.
+- `--recipe cpu` on 2 cores of that Xeon (each stage with its data rendering and VAE round trips): CLIP
+  1,674 s (stop 27, 1,000 steps), VAE (crops first) 3,366 s and 3,667 s (stops 24, 25), UNet 3,114 s
+  (stop 27) to 3,822 s (stop 26, a slower machine), the oracle's style trunk 361 s and the judge 490 s
+  (stop 27): 2.5-2.8 h in all. With min-SNR its LoRAs meet their targets at the config's seed (README,
+  "Min-SNR in the base's pretraining", "Under 3 h on 2 cores"); it does not make the shipped weights.
 Shipped weights: CLIP from v2's H100 run; the VAE and UNet cycles 1-2 from one H100 lease; cycle 3 run
 alone from cycles 1-2's weights on a second lease, whose time ran out at step 2,238 (its step-2,000
 checkpoint is exactly a 2,000-step cycle: constant rate after warm-up, and a checkpoint holds the EMA
@@ -166,13 +166,16 @@ class Recipe:
 RECIPES = {
     "v3": Recipe(),
     "v2": Recipe(latent_factor=4, vae_steps=10_000, unet_cycles=(Cycle(5_000, 32), Cycle(2_000, 32))),
-    # cpu: v3's models, trained in what 2 CPU cores can afford (stops 19, 23): the VAE on crops first, then whole
-    # images (stop 19's run: 5,640 steps of 64 crops, then 1,280 of 32 whole images); the UNet in one cycle
-    # of batch 32 with offset noise 0.3 from step 0 (4,800 steps: 52-64 min, as good a base on the check as v3's)
-    # and min-SNR 5 (stop 26: without it, LoRAs on that base lost vivid's content and pastel's and woodcut's style);
-    # the oracle's style trunk for 1,200 steps of 128 (400 already call every fresh render's look right).
-    "cpu": Recipe(vae_images=12_000, vae_crop_steps=5_640, vae_steps=1_280, vae_batch=32,
-                  unet_cycles=(Cycle(4_800, 32, 0.3),), unet_snr_gamma=5.0, oracle_steps=1_200, oracle_batch=128),
+    # cpu: v3's models, trained in what 2 CPU cores can afford (stops 19, 23-27): CLIP for 1,000 steps (its loss
+    # flattens there; the base over it passes the probe, stop 27); the VAE on crops first, then whole images
+    # (stop 19's run: 5,640 steps of 64 crops, then 1,280 of 32 whole images); the UNet in one cycle of batch 32
+    # with offset noise 0.3 from step 0 (4,800 steps: 52-64 min, as good a base on the check as v3's) and
+    # min-SNR 5 (stop 26: without it, LoRAs on that base lost vivid's content and pastel's and woodcut's style);
+    # the oracle's style trunk for 600 steps of 128 and the judge for 1,000 (stop 27: on generated images they
+    # call what the shipped oracle calls).
+    "cpu": Recipe(clip_steps=1_000, vae_images=12_000, vae_crop_steps=5_640, vae_steps=1_280, vae_batch=32,
+                  unet_cycles=(Cycle(4_800, 32, 0.3),), unet_snr_gamma=5.0, oracle_steps=600, oracle_batch=128,
+                  judge_steps=1_000),
 }  # fmt: skip
 
 
@@ -558,19 +561,20 @@ def train_oracle(recipe: Recipe, vae, device, workers: int, state: StageState, s
             data["images"][i] = ink_over(data["images"][i], rng)
         data["style"][inked] = -100
     pixels = to_unit(data["images"], device)
-    # The oracle will judge decoded images, so it learns on VAE reconstructions too.
+    stage = "judge" if ink_fraction else "oracle"
+    # The oracle will judge decoded images, so it learns on VAE reconstructions too. They are made in the
+    # precision the stage trains in: on 2 CPU cores with bf16, 12,000 round trips take ~3 min, not ~7.
     n_recon = int(len(pixels) * recipe.oracle_recon_fraction)
     vae = vae.to(device)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, stage):
         pixels[:n_recon] = torch.cat(
-            [((vae.decode(vae.encode(b * 2 - 1).latent_dist.mode()).sample + 1) / 2).clamp(0, 1) for b in pixels[:n_recon].split(256)]
+            [((vae.decode(vae.encode(b * 2 - 1).latent_dist.mode()).sample.float() + 1) / 2).clamp(0, 1) for b in pixels[:n_recon].split(256)]
         )
     targets = {h: torch.from_numpy(data[h]).to(device) for h in HEADS}
     opt = torch.optim.AdamW(oracle.parameters(), lr=recipe.oracle_lr, weight_decay=1e-4)
     gen = torch.Generator(device).manual_seed(4)
     state.resume(oracle=oracle, opt=opt, gen=gen)
     oracle.train()
-    stage = "judge" if ink_fraction else "oracle"
     for step, bar in cosine_steps(opt, recipe.oracle_lr, steps, 100, stage, state):
         idx = torch.randint(len(pixels), (batch,), device=device, generator=gen)
         with autocast(device, stage):
