@@ -80,7 +80,7 @@ report: setup ## the study report from MLflow: reports/out/index.html, also a `r
 study: setup data ## Experiments I-IV and the report on the embedded default (measured 26-43 min on 2 CPU cores) [ARGS="--force report"]
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m research.study $(ARGS)
 
-toyworld: setup ## rebuild the toy world's weights; run it again after a stop and it resumes (TOY_DEVICE=cuda: ~15 min on an H100; 2 CPU cores: ~20 h, or ~2.5-2.8 h with ARGS="--recipe cpu", which does not make the shipped weights) [ARGS="--only vae" retrains a stage]
+toyworld: setup ## rebuild the toy world's weights; run it again after a stop and it resumes (TOY_DEVICE=cuda: ~15 min on an H100; 2 CPU cores: ~20 h, or ~2.5-3 h with ARGS="--recipe cpu", which does not make the shipped weights) [ARGS="--only vae" retrains a stage]
 	$(PY) -m research.toyworld.pretrain --out research/toyworld/weights --device $(or $(TOY_DEVICE),cpu) $(ARGS)
 	$(PY) -m research.toyworld.generate --out $(TOY_DATA)
 

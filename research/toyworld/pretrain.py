@@ -36,8 +36,10 @@ How long it takes (measured for the shipped weights, 2026-11-27):
 - `--recipe cpu` on 2 cores of that Xeon (each stage with its data rendering and VAE round trips): CLIP
   1,674 s (stop 27, 1,000 steps), VAE (crops first) 3,366 s and 3,667 s (stops 24, 25), UNet 3,114 s
   (stop 27) to 3,822 s (stop 26, a slower machine), the oracle's style trunk 361 s and the judge 490 s
-  (stop 27): 2.5-2.8 h in all. With min-SNR its LoRAs meet their targets at the config's seed (README,
-  "Min-SNR in the base's pretraining", "Under 3 h on 2 cores"); it does not make the shipped weights.
+  (stop 27): 2.5-2.8 h in all, ~3.0 h at the slowest pace seen. With min-SNR its LoRAs meet their targets
+  at the config's seed, but for vivid's content over the 1,000-step CLIP (-6.2 points; -1.6 at training
+  seeds 1 and 2): README, "Min-SNR in the base's pretraining", "Under 3 h on 2 cores". It does not make
+  the shipped weights.
 Shipped weights: CLIP from v2's H100 run; the VAE and UNet cycles 1-2 from one H100 lease; cycle 3 run
 alone from cycles 1-2's weights on a second lease, whose time ran out at step 2,238 (its step-2,000
 checkpoint is exactly a 2,000-step cycle: constant rate after warm-up, and a checkpoint holds the EMA
@@ -563,7 +565,7 @@ def train_oracle(recipe: Recipe, vae, device, workers: int, state: StageState, s
     pixels = to_unit(data["images"], device)
     stage = "judge" if ink_fraction else "oracle"
     # The oracle will judge decoded images, so it learns on VAE reconstructions too. They are made in the
-    # precision the stage trains in: on 2 CPU cores with bf16, 12,000 round trips take ~3 min, not ~7.
+    # precision the stage trains in: bf16 on a CPU with it, where a round trip is 2.2x faster (stop 27).
     n_recon = int(len(pixels) * recipe.oracle_recon_fraction)
     vae = vae.to(device)
     with torch.no_grad(), autocast(device, stage):
