@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
 import pytest
 import torch
@@ -145,6 +146,9 @@ def test_a_finished_stage_is_kept_and_only_retrains_it(tiny_main, tmp_path, caps
     # content trunk the judge stage trained.
     oracle = Oracle.from_pretrained(tmp_path / "oracle")
     assert oracle.content_width and same_weights(oracle.state_dict(), judge.state_dict()) == []
+    # Retraining the UNet alone ships the VAE it loaded from --out; its config must not name that folder
+    assert tiny_main("--only", "unet") == 0
+    assert not [c for c in tmp_path.rglob("config.json") if "_name_or_path" in json.loads(c.read_text())]
 
 
 def test_a_killed_run_resumes_where_it_stopped_unless_the_settings_changed(tiny_main, tmp_path, monkeypatch, capsys):
@@ -204,7 +208,7 @@ def test_each_recipes_models_fit_its_latent(factor):
 
 def test_the_shipped_weights_are_the_default_recipes_architecture():
     """The default recipe's models load the shipped weights tensor for tensor (a rebuild makes what ships)."""
-    factor = Recipe().latent_factor
+    factor = pretrain.RECIPES[pretrain.build_parser().get_default("recipe")].latent_factor
     pretrain.make_vae(factor).load_state_dict(shipped_vae().state_dict(), strict=True)
     shipped = UNet2DConditionModel.from_pretrained(SD_DIR, subfolder="unet")
     pretrain.make_unet(shipped.config.cross_attention_dim, factor).load_state_dict(shipped.state_dict(), strict=True)

@@ -37,9 +37,10 @@ How long it takes (measured for the shipped weights, 2026-11-27):
   1,674 s (stop 27, 1,000 steps), VAE (crops first) 3,366 s and 3,667 s (stops 24, 25), UNet 3,114 s
   (stop 27) to 3,822 s (stop 26, a slower machine), the oracle's style trunk 361 s and the judge 490 s
   (stop 27): 2.5-2.8 h in all, ~3.0 h at the slowest pace seen. With min-SNR its LoRAs meet their targets
-  at the config's seed, but for vivid's content over the 1,000-step CLIP (-6.2 points; -1.6 at training
-  seeds 1 and 2): README, "Min-SNR in the base's pretraining", "Under 3 h on 2 cores". It does not make
-  the shipped weights.
+  at the config's seed (vivid's content at -4.7 under its own oracle, -6.2 under v3's), but Textual
+  Inversion's content collapses on its base (stop 28: -28.1 points on comic, v3's base -1.6): README,
+  "Min-SNR in the base's pretraining", "Under 3 h on 2 cores", "Not shipped". It does not make the
+  shipped weights.
 Shipped weights: CLIP from v2's H100 run; the VAE and UNet cycles 1-2 from one H100 lease; cycle 3 run
 alone from cycles 1-2's weights on a second lease, whose time ran out at step 2,238 (its step-2,000
 checkpoint is exactly a 2,000-step cycle: constant rate after warm-up, and a checkpoint holds the EMA
@@ -179,6 +180,7 @@ RECIPES = {
                   unet_cycles=(Cycle(4_800, 32, 0.3),), unet_snr_gamma=5.0, oracle_steps=600, oracle_batch=128,
                   judge_steps=1_000),
 }  # fmt: skip
+DEFAULT_RECIPE = "v3"  # what built the shipped weights, so a plain `make toyworld` rebuilds them
 
 
 # ----------------------------------------------------------------------------- data
@@ -510,6 +512,12 @@ def save_sd(vae, text_encoder, tokenizer, unet, scheduler, path: Path) -> None:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(path, safe_serialization=True)
+    # A part loaded from --out (the VAE when only the UNet trains) carries the folder it came from in its
+    # config; a shipped config must not name a local path
+    for config in path.glob("*/config.json"):
+        fields = json.loads(config.read_text(encoding="utf-8"))
+        if fields.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- oracle
@@ -606,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--only", help="comma-separated stages to retrain from step 0, their saved progress dropped; the others load "
                         "from --out (default: every stage, a finished one kept and an unfinished one resumed)")  # fmt: skip
-    parser.add_argument("--recipe", choices=sorted(RECIPES), default="v3",
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default=DEFAULT_RECIPE,
                         help="v3: the shipped weights' recipe (a 2x-downsampling VAE, a UNet for its 32x32 latent); "
                              "cpu: v3's models in step counts 2 CPU cores can afford (a VAE on crops first, one UNet cycle); "
                              "v2: the toy world before stop 20 (a 16x16 latent)")
