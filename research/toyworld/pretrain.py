@@ -72,7 +72,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextModel
 
-from research.atomic import replace_folder
+from research.atomic import replace_folder, write_json
 from research.cli import user_errors_exit_2
 from research.errors import ConfigError
 from research.models import min_snr_weight
@@ -517,7 +517,7 @@ def save_sd(vae, text_encoder, tokenizer, unet, scheduler, path: Path) -> None:
     for config in path.glob("*/config.json"):
         fields = json.loads(config.read_text(encoding="utf-8"))
         if fields.pop("_name_or_path", None) is not None:
-            config.write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            write_json(config, fields)
 
 
 # ----------------------------------------------------------------------------- oracle
